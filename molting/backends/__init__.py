@@ -1,0 +1,68 @@
+"""Inference engines behind one interface. ``load_backend`` picks one from a path.
+
+Engines are imported lazily: importing ``molting.backends`` loads neither torch nor
+llama_cpp.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from molting.backends.base import Backend, Chunk, GenerationConfig, Message, Response
+from molting.errors import ConfigError
+
+__all__ = ["Backend", "Chunk", "GenerationConfig", "Message", "Response", "load_backend"]
+
+
+def load_backend(model: str | Path, **options) -> Backend:
+    """Open ``model`` with the engine that fits it.
+
+    Args:
+        model: a ``.gguf`` file (llama.cpp); a model directory (transformers); a
+            peft adapter directory (transformers, base from its adapter_config.json);
+            a ``molting run`` output directory (its GGUF); or an embedded model
+            name such as ``smollm2-135m`` (its GGUF, through llama.cpp).
+        **options: passed to the engine's constructor (``n_ctx``, ``dtype``, ...).
+
+    Raises:
+        ConfigError: nothing usable at ``model``.
+    """
+    from molting.models import EMBEDDED, embedded_gguf
+
+    if str(model) in EMBEDDED:
+        return _llamacpp(embedded_gguf(str(model)), **options)
+    path = Path(model)
+    if path.suffix == ".gguf":
+        return _llamacpp(path, **options)
+    if (path / "adapter_config.json").is_file():
+        return _transformers(_adapter_base(path), adapter=path, **options)
+    if (path / "config.json").is_file():
+        return _transformers(path, **options)
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if ggufs:
+        return _llamacpp(ggufs[-1], **options)
+    raise ConfigError(
+        f"{model}: not a .gguf file, model directory, adapter directory, run directory "
+        f"or embedded model ({sorted(EMBEDDED)})"
+    )
+
+
+def _llamacpp(path: Path, **options) -> Backend:
+    from molting.backends.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(path, **options)
+
+
+def _transformers(path: Path | str, **options) -> Backend:
+    from molting.backends.transformers import TransformersBackend
+
+    return TransformersBackend(path, **options)
+
+
+def _adapter_base(adapter: Path) -> str:
+    import json
+
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{adapter}/adapter_config.json names no base_model_name_or_path")
+    return base

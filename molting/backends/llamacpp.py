@@ -1,0 +1,111 @@
+"""llama.cpp engine through llama-cpp-python: a GGUF file, ``n_ctx``, ``n_gpu_layers``.
+
+The prompt is rendered with the chat template stored in the GGUF
+(``tokenizer.chat_template``) by llama-cpp-python's Jinja2 formatter, tokenized with
+special tokens parsed, and decoded token by token with ``Llama.generate``, so token
+counts, TTFT and finish reasons are exact. Generation ends at any end-of-generation
+token of the vocabulary (llama.cpp's ``llama_vocab_is_eog``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from molting.backends.base import Backend, Chunk, GenerationConfig, Message
+from molting.errors import ConfigError
+
+
+class LlamaCppBackend(Backend):
+    """Generate with llama.cpp from a GGUF file.
+
+    Args:
+        model_path: the ``.gguf`` file.
+        n_ctx: context window in tokens (prompt + answer).
+        n_gpu_layers: transformer blocks offloaded to the GPU; 0 = CPU only, -1 = all.
+        n_threads: CPU threads; None lets llama.cpp choose.
+
+    Raises:
+        ConfigError: the file is missing or has no chat template.
+    """
+
+    name = "llama.cpp"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        n_ctx: int = 2048,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+    ):
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise ConfigError(f"{self.model_path}: GGUF file not found (make one with `molting export`)")
+        self.llm = llama_cpp.Llama(
+            model_path=str(self.model_path),
+            n_ctx=n_ctx,
+            n_gpu_layers=n_gpu_layers,
+            n_threads=n_threads,
+            last_n_tokens_size=n_ctx,
+            verbose=False,
+        )
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ConfigError(f"{self.model_path}: no tokenizer.chat_template in the GGUF metadata")
+        model = self.llm._model
+        self.formatter = Jinja2ChatFormatter(
+            template,
+            eos_token=model.token_get_text(model.token_eos()),
+            bos_token=model.token_get_text(model.token_bos()),
+        )
+        self.system_prompt = self.llm.metadata.get("molting.system_prompt")
+
+    def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
+        """The token ids of ``messages`` rendered with the GGUF's chat template."""
+        prompt = self.formatter(messages=list(messages)).prompt
+        add_bos = self.llm._model.add_bos_token()
+        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def stream(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[Chunk]:
+        tokens = self.prompt_tokens(messages)
+        if len(tokens) + config.max_new_tokens > self.llm.n_ctx():
+            raise ConfigError(
+                f"prompt ({len(tokens)} tokens) + max_new_tokens ({config.max_new_tokens}) "
+                f"exceeds n_ctx ({self.llm.n_ctx()})"
+            )
+        self.llm.reset()  # no prompt cache between calls: every call is measured cold
+        self.llm.set_seed(config.seed)
+        vocab = self.llm._model.vocab
+        ids: list[int] = []
+        sent, reason = "", "length"
+        for token in self.llm.generate(tokens, **_sampling(config)):
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                reason = "stop"
+                break
+            ids.append(token)
+            text = self.llm.detokenize(ids).decode("utf-8", errors="replace")
+            if not text.endswith("\ufffd"):
+                yield Chunk(text[len(sent) :], len(tokens), len(ids))
+                sent = text
+            if len(ids) >= config.max_new_tokens:
+                break
+        yield Chunk("", len(tokens), len(ids), finish_reason=reason)
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+
+def _sampling(config: GenerationConfig) -> dict:
+    """GenerationConfig in llama.cpp's terms: no top-k, no min-p, as transformers does here."""
+    return dict(
+        temp=config.temperature,
+        top_p=config.top_p if config.temperature > 0 else 1.0,
+        top_k=0,
+        min_p=0.0,
+        repeat_penalty=config.repetition_penalty,
+    )

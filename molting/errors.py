@@ -1,0 +1,38 @@
+"""Errors shown to users. Each names the bad value and, where there is one, the allowed set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MoltingError(Exception):
+    """Base class of every error molting raises on purpose."""
+
+
+class PersonaError(MoltingError):
+    """A persona directory or its ``persona.yaml``/``rubric.yaml`` is invalid."""
+
+
+class DatasetError(MoltingError):
+    """A dataset line is invalid. The message names the file, the line and the field.
+
+    Args:
+        path: the JSONL file.
+        line: 1-based line number, or None for file-level problems.
+        message: what is wrong.
+        field: JSON path of the offending field (``messages[2].role``), if any.
+    """
+
+    def __init__(self, path: Path | str, line: int | None, message: str, field: str | None = None):
+        self.path, self.line, self.field = Path(path), line, field
+        where = f"{self.path}" + (f":{line}" if line is not None else "")
+        what = f" field '{field}':" if field else ""
+        super().__init__(f"{where}:{what} {message}")
+
+
+class ConfigError(MoltingError):
+    """A configuration value is outside its allowed set."""
+
+
+class ExportError(MoltingError):
+    """A model cannot be merged, converted or quantized."""
