@@ -128,9 +128,7 @@ class BudgetReport:
         }
 
 
-def token_budget(
-    tokenizer, conversations: list[Conversation], system_prompt: str, max_length: int
-) -> BudgetReport:
+def token_budget(tokenizer, conversations: list[Conversation], system_prompt: str, max_length: int) -> BudgetReport:
     """Count the tokens each example takes under ``tokenizer``'s chat template.
 
     Args:

@@ -1,0 +1,183 @@
+"""Deterministic checks on one generated answer.
+
+Every check reads only the answer text (and, for truncation, the finish reason) and
+returns plain data; scoring lives in ``molting.eval.rubric``. Text matching is case- and
+accent-insensitive and on whole words (``normalize``, ``has_phrase``), so "Cláudio",
+"claudio" and "CLÁUDIO" are the same name and "João" does not match "Joãozinho".
+
+The checks encode the research log's failures: identity collapse ("meu nome é João",
+phase 9), leaked template tokens, answers cut by a too-small budget (phase 7),
+hallucinated entities ("hector", "ROS2", phase 8) and greedy-decoding loops.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+
+# Template tokens of the chat formats molting's models use (ChatML, Llama 2/3, Phi-3, Gemma,
+# Zephyr/TinyLlama); any ``<|...|>`` token is caught by TEMPLATE_TOKEN_RE as well.
+TEMPLATE_TOKENS = ("<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<start_of_turn>", "<end_of_turn>")
+TEMPLATE_TOKEN_RE = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+# A bare role header on its own line: what a ChatML turn leaves once its special tokens are stripped.
+ROLE_HEADER_RE = re.compile(r"^\s*(system|user|assistant)\s*$", re.MULTILINE)
+
+# Who a persona never is, whatever its persona.yaml says: the base models' default identities.
+GENERIC_IDENTITIES = ("ChatGPT", "SmolLM", "assistente virtual", "assistente útil", "AI assistant", "helpful assistant")
+# First-person claims of identity, in Portuguese, English and Spanish (normalized text).
+_CLAIM = r"(?:eu sou|sou|me chamo|meu nome e|aqui e|i am|i'm|my name is|this is|soy|me llamo|mi nombre es)"
+# Words allowed between the claim and the name: articles, possessives, a few adjectives.
+_FILLER = r"(?:(?:o|a|um|uma|seu|sua|teu|tua|the|an|your|el|la|un|una|su|helpful|util|virtual|generico)\s+){0,3}"
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+STOPWORDS = {
+    "pt": _words(
+        "o a os as um uma de do da dos das em no na nos nas e que é não com por para pra mais "
+        "mas como eu você voce meu minha seu sua isso isto ele ela se ao também tambem sou está "
+        "esta são muito já ja quando onde porque sobre foi ser tem ter nós nos aqui"
+    ),
+    "en": _words(
+        "the a an of in on and is are to for with that this it i you my your not but as be was "
+        "have has what when where who why about from at by we our can do does am"
+    ),
+    "es": _words(
+        "el la los las un una de del en y que es no con por para más pero como yo tú usted mi "
+        "su eso esto él ella se al también soy está son muy ya cuando donde porque sobre fue "
+        "ser tiene nosotros aquí"
+    ),
+}
+TERMINAL = (".", "!", "?", "…", ")", '"', "”", "»", "`")
+
+
+def normalize(text: str) -> str:
+    """Lower-case, accent-free, whitespace-collapsed ``text`` ("Você É" -> "voce e")."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return re.sub(r"\s+", " ", stripped).strip()
+
+
+def has_phrase(text: str, phrase: str) -> bool:
+    """Whether ``phrase`` occurs in ``text`` as whole words, ignoring case and accents."""
+    needle = normalize(phrase)
+    return bool(needle) and re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", normalize(text)) is not None
+
+
+def leaked_tokens(answer: str) -> list[str]:
+    """Template tokens and bare role headers in ``answer``, in order of appearance.
+
+    A leak is an automatic fail: the model (or the backend) is emitting the chat format
+    itself, so the answer would corrupt the next turn of any conversation.
+    """
+    found = [(m.start(), m.group()) for m in TEMPLATE_TOKEN_RE.finditer(answer)]
+    found += [(answer.find(t), t) for t in TEMPLATE_TOKENS if t in answer]
+    found += [(m.start(), f"role header {m.group(1)!r}") for m in ROLE_HEADER_RE.finditer(answer)]
+    return [token for _, token in sorted(found)]
+
+
+def identity_claims(answer: str, forbidden: Iterable[str]) -> list[str]:
+    """The forbidden identities ``answer`` claims in the first person.
+
+    "Sou o João", "meu nome é João", "I am ChatGPT" are claims; "trabalho com o João"
+    and "o João é meu parceiro" are not: mentioning someone is not being them.
+
+    Args:
+        answer: the generated text.
+        forbidden: names the persona must never claim (its ``forbidden_identities``);
+            ``GENERIC_IDENTITIES`` are always added.
+
+    Returns:
+        The claimed names, as given in ``forbidden`` or ``GENERIC_IDENTITIES``, without repeats.
+    """
+    text = normalize(answer)
+    claims = []
+    for name in dict.fromkeys([*forbidden, *GENERIC_IDENTITIES]):
+        pattern = rf"(?<!\w){_CLAIM}\s+{_FILLER}{re.escape(normalize(name))}(?!\w)"
+        if re.search(pattern, text):
+            claims.append(name)
+    return claims
+
+
+def matched_groups(answer: str, groups: Iterable[Iterable[str]]) -> list[str | None]:
+    """For each group of alternative phrases, the first one in ``answer``, or None."""
+    return [next((p for p in group if has_phrase(answer, p)), None) for group in groups]
+
+
+def detect_language(answer: str, min_words: int = 4) -> str | None:
+    """The ``STOPWORDS`` language with the most stopwords in ``answer``; None if undecidable.
+
+    Undecidable: fewer than ``min_words`` words, no stopword at all, or a tie.
+    """
+    words = re.findall(r"[\w']+", answer.casefold())
+    if len(words) < min_words:
+        return None
+    counts = {lang: sum(w in stop for w in words) for lang, stop in STOPWORDS.items()}
+    ranked = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)
+    if ranked[0][1] == 0 or ranked[0][1] == ranked[1][1]:
+        return None
+    return ranked[0][0]
+
+
+def is_truncated(answer: str, finish_reason: str | None) -> bool:
+    """Cut mid-sentence: generation hit ``max_new_tokens`` and the text has no final punctuation.
+
+    An answer that ends cleanly exactly at the limit is not counted; one that the
+    model ended itself (``finish_reason == "stop"``) never is.
+    """
+    return finish_reason == "length" and not answer.rstrip().endswith(TERMINAL)
+
+
+def repetition_ratio(answer: str, n: int = 4) -> float:
+    """Share of word ``n``-grams in ``answer`` that repeat an earlier one, in [0, 1).
+
+    0 for a text with no repeated n-gram; a greedy-decoding loop that says the same
+    sentence over and over approaches 1. Texts shorter than ``n`` words give 0.
+    """
+    words = normalize(answer).split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1 - len(set(grams)) / len(grams)
+
+
+def entity_candidates(answer: str) -> list[str]:
+    """Words that look like names: capitalised mid-sentence, or technical-looking anywhere.
+
+    Technical-looking: an inner capital, a digit or a dot inside, or all capitals
+    (``OpenCV``, ``ROS2``, ``Node.js``, ``MATLAB``). Sentence-initial capitals alone do
+    not count ("Eu", "Olá").
+    """
+    found = []
+    for sentence in re.split(r"(?<=[.!?:;\n])\s+", answer):
+        words = re.findall(r"[^\W_][\w.+#-]*[\w+#]|[^\W_]", sentence)
+        for position, word in enumerate(words):
+            technical = re.search(r"[a-z][A-Z]|\d|\w\.\w", word) is not None or (len(word) > 1 and word.isupper())
+            named = position > 0 and word[0].isupper()
+            if technical or named:
+                found.append(word)
+    return list(dict.fromkeys(found))
+
+
+def unknown_entities(answer: str, known: set[str]) -> list[str]:
+    """``entity_candidates`` of ``answer`` whose normalized form is not in ``known``.
+
+    Args:
+        answer: the generated text.
+        known: normalized (``normalize``) words and names the persona, its dataset and
+            its rubric mention; anything else named in an answer was invented.
+    """
+    return [word for word in entity_candidates(answer) if normalize(word) not in known]
+
+
+def vocabulary(texts: Iterable[str]) -> set[str]:
+    """Every normalized word and dotted name in ``texts``, for ``unknown_entities``."""
+    words: set[str] = set()
+    for text in texts:
+        normalized = normalize(text)
+        words.update(re.findall(r"[^\W_][\w.+#-]*[\w+#]|[^\W_]", normalized))
+        words.add(normalized)
+    return words

@@ -1,0 +1,367 @@
+"""The rubric: questions, deterministic scoring of generated answers, and the evaluation loop.
+
+A persona's ``rubric.yaml``::
+
+    version: "1.0"
+    known_entities: ["JavaScript", ...]   # names an answer may use beyond persona + dataset
+    questions:
+      - id: joao
+        prompt: "Quem é o João?"
+        language: pt                      # optional; default: the persona's language
+        facts:                            # each entry: alternatives, any one counts
+          - ["João Figueiredo", "Figueiredo"]
+        wrong:                            # each entry: statements false for this persona
+          - ["meu filho", "meu pai"]
+
+Scoring, 0-10 per question (``Judge.score``), from the checks of ``molting.eval.checks``:
+
+=====================  ==========================================================
+template tokens leaked  automatic 0
+expected facts          up to 6, in proportion to the ``facts`` groups present
+identity kept           1 (no first-person claim of a forbidden identity)
+language                1 (the expected language, or too short to tell)
+not cut mid-sentence    1
+not looping             1 (at most 20% repeated word 4-grams)
+wrong statements        -3 per ``wrong`` group present
+unknown entities        -1 each, at most -3 (names nowhere in persona, dataset, rubric)
+identity collapse       caps the question at 2
+=====================  ==========================================================
+
+Content carries the score: an on-topic answer in the right language with no fact at all
+gets 4, and one false statement ("o João é meu filho", the negative example the log saw
+learned backwards) costs as much as half the facts. With these weights the research
+log's hand scores are reproduced in kind: its phase 8 answers score about 3/10.
+
+The research log judged runs by these questions, by hand; molting judges by rules so
+that two runs are compared by the same judge (``molting.eval.report.compare``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from molting.errors import PersonaError
+from molting.eval import checks
+
+if TYPE_CHECKING:
+    from molting.backends.base import Backend, GenerationConfig
+    from molting.persona import Persona
+
+MAX_SCORE = 10.0
+FACT_POINTS = 6.0
+IDENTITY_POINTS = 1.0
+WRONG_PENALTY = 3.0
+UNKNOWN_ENTITY_PENALTY = 1.0
+MAX_UNKNOWN_PENALTY = 3.0
+COLLAPSE_CAP = 2.0
+LOOP_THRESHOLD = 0.2
+
+
+@dataclass(frozen=True)
+class Question:
+    """One rubric question; ``facts`` and ``wrong`` are lists of alternative-phrase groups."""
+
+    id: str
+    prompt: str
+    facts: list[list[str]] = field(default_factory=list)
+    wrong: list[list[str]] = field(default_factory=list)
+    language: str | None = None
+
+
+@dataclass(frozen=True)
+class Rubric:
+    """A versioned list of questions, plus entity names answers may use."""
+
+    version: str
+    questions: list[Question]
+    known_entities: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QuestionScore:
+    """A question's answer and its score.
+
+    Attributes:
+        score: 0-10, one decimal.
+        reasons: why points were lost, one short phrase each; empty when none were.
+        checks: check name -> passed (``leak``, ``identity``, ``facts``, ``wrong``,
+            ``language``, ``truncated``, ``repetition``, ``entities``).
+        finish_reason: the backend's, "stop" or "length".
+    """
+
+    id: str
+    prompt: str
+    answer: str
+    score: float
+    reasons: list[str]
+    checks: dict[str, bool]
+    finish_reason: str | None = None
+
+
+@dataclass
+class RubricResult:
+    """One model's answers to a rubric, scored. ``label`` names the model ("base", "GGUF Q4_K_M")."""
+
+    label: str
+    version: str
+    scores: list[QuestionScore]
+
+    @property
+    def total(self) -> float:
+        """Sum of question scores."""
+        return round(sum(s.score for s in self.scores), 1)
+
+    @property
+    def max_total(self) -> float:
+        """10 per question."""
+        return MAX_SCORE * len(self.scores)
+
+    @property
+    def mean(self) -> float:
+        """Mean score per question, 0-10: the research log's "x/10" figure."""
+        return round(self.total / len(self.scores), 2) if self.scores else 0.0
+
+    def by_id(self) -> dict[str, QuestionScore]:
+        """Question id -> score."""
+        return {s.id: s for s in self.scores}
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; ``from_dict`` reads it back."""
+        return {
+            "label": self.label,
+            "version": self.version,
+            "total": self.total,
+            "max_total": self.max_total,
+            "mean": self.mean,
+            "scores": [asdict(s) for s in self.scores],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RubricResult:
+        """The inverse of ``to_dict`` (derived totals are recomputed)."""
+        return cls(data["label"], data["version"], [QuestionScore(**s) for s in data["scores"]])
+
+
+def load_rubric(source: Persona | str | Path) -> Rubric:
+    """The rubric of a persona, or of a ``rubric.yaml`` file or directory holding one.
+
+    A persona without ``rubric.yaml`` gets ``default_rubric``.
+
+    Raises:
+        PersonaError: the file is missing (when given explicitly) or invalid; the message
+            names the file and the field (``questions[2].facts[0]``).
+    """
+    from molting.persona import RUBRIC_FILE, Persona
+
+    if isinstance(source, Persona):
+        path = source.root / RUBRIC_FILE if source.root else None
+        if path is None or not path.is_file():
+            return default_rubric(source)
+    else:
+        path = Path(source)
+        path = path / RUBRIC_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise PersonaError(f"{path}: not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PersonaError(f"{path}: invalid YAML: {exc}") from None
+    return _parse_rubric(data, path)
+
+
+def default_rubric(persona: Persona) -> Rubric:
+    """Two identity questions in the persona's language, each expecting the persona's name."""
+    prompts = {
+        "pt": ("Quem é você?", "Me fala sobre você"),
+        "es": ("¿Quién eres?", "Háblame de ti"),
+        "en": ("Who are you?", "Tell me about yourself"),
+    }[persona.language]
+    names = [persona.names]
+    return Rubric(
+        "default",
+        [Question("quem", prompts[0], facts=names), Question("sobre", prompts[1], facts=names)],
+    )
+
+
+def _parse_rubric(data: object, path: Path) -> Rubric:
+    if not isinstance(data, dict) or not isinstance(data.get("questions"), list) or not data["questions"]:
+        raise PersonaError(f"{path}: expected a mapping with a non-empty 'questions' list")
+    unknown = sorted(set(data) - {"version", "questions", "known_entities"})
+    if unknown:
+        raise PersonaError(f"{path}: unknown key(s) {unknown}; allowed: ['known_entities', 'questions', 'version']")
+    questions, seen = [], set()
+    for i, item in enumerate(data["questions"]):
+        question = _parse_question(item, f"{path}: questions[{i}]")
+        if question.id in seen:
+            raise PersonaError(f"{path}: questions[{i}].id {question.id!r} is repeated")
+        seen.add(question.id)
+        questions.append(question)
+    known = data.get("known_entities", [])
+    if not isinstance(known, list) or not all(isinstance(k, str) for k in known):
+        raise PersonaError(f"{path}: 'known_entities' must be a list of strings")
+    return Rubric(str(data.get("version", "unversioned")), questions, known)
+
+
+def _parse_question(item: object, where: str) -> Question:
+    from molting.persona import LANGUAGES
+
+    if not isinstance(item, dict):
+        raise PersonaError(f"{where}: expected a mapping with id and prompt")
+    unknown = sorted(set(item) - {"id", "prompt", "facts", "wrong", "language"})
+    if unknown:
+        raise PersonaError(f"{where}: unknown key(s) {unknown}; allowed: facts, id, language, prompt, wrong")
+    for key in ("id", "prompt"):
+        if not isinstance(item.get(key), str) or not item[key].strip():
+            raise PersonaError(f"{where}.{key}: missing or not a non-empty string")
+    if item.get("language") not in (None, *LANGUAGES):
+        raise PersonaError(f"{where}.language: {item['language']!r} not in {LANGUAGES}")
+    groups = {key: _phrase_groups(item.get(key) or [], f"{where}.{key}") for key in ("facts", "wrong")}
+    return Question(str(item["id"]), item["prompt"], groups["facts"], groups["wrong"], item.get("language"))
+
+
+def _phrase_groups(value: object, where: str) -> list[list[str]]:
+    if not isinstance(value, list):
+        raise PersonaError(f"{where}: expected a list of phrase lists")
+    groups = []
+    for j, group in enumerate(value):
+        group = [group] if isinstance(group, str) else group
+        if not isinstance(group, list) or not group or not all(isinstance(p, str) and p.strip() for p in group):
+            raise PersonaError(f"{where}[{j}]: expected a non-empty list of non-empty strings")
+        groups.append(group)
+    return groups
+
+
+@dataclass
+class Judge:
+    """Scores answers for one persona and rubric; see the module docstring for the points.
+
+    Attributes:
+        language: the persona's answer language (ISO 639-1).
+        forbidden: identities the persona must never claim.
+        known: normalized names an answer may mention (persona, dataset, rubric).
+    """
+
+    language: str
+    forbidden: list[str]
+    known: set[str]
+
+    @classmethod
+    def for_persona(cls, persona: Persona, rubric: Rubric) -> Judge:
+        """A judge whose known names come from the persona, its dataset and the rubric."""
+        texts = [
+            *persona.names,
+            *persona.identity,
+            *persona.traits,
+            persona.system_prompt,
+            persona.train_system_prompt,
+            *rubric.known_entities,
+        ]
+        texts += [m["content"] for conversation in persona.examples for m in conversation]
+        for question in rubric.questions:
+            texts += [question.prompt, *(p for group in question.facts for p in group)]
+        return cls(persona.language, list(persona.forbidden_identities), checks.vocabulary(texts))
+
+    def score(self, question: Question, answer: str, finish_reason: str | None = None) -> QuestionScore:
+        """Score ``answer`` to ``question``.
+
+        Args:
+            question: the rubric question.
+            answer: the generated text, as the backend returned it.
+            finish_reason: "length" if generation hit ``max_new_tokens``, else "stop" or None.
+        """
+        result = _Tally()
+        leaked = checks.leaked_tokens(answer)
+        result.check("leak", not leaked, f"template tokens leaked: {', '.join(leaked)} (automatic 0)")
+        if not answer.strip():
+            result.check("empty", False, "empty answer")
+        if leaked or not answer.strip():
+            return result.finish(question, answer, finish_reason, cap=0.0)
+
+        hits = checks.matched_groups(answer, question.facts)
+        found = sum(h is not None for h in hits)
+        result.points += FACT_POINTS * found / len(hits) if hits else FACT_POINTS
+        missing = [" / ".join(g[:3]) for g, h in zip(question.facts, hits, strict=True) if h is None]
+        result.check("facts", not missing, f"missing facts ({found}/{len(hits)}): " + "; ".join(missing))
+
+        claims = checks.identity_claims(answer, self.forbidden)
+        result.check("identity", not claims, f"identity collapse: claims to be {', '.join(claims)}", IDENTITY_POINTS)
+
+        wrong = [h for h in checks.matched_groups(answer, question.wrong) if h is not None]
+        result.points -= WRONG_PENALTY * len(wrong)
+        result.check("wrong", not wrong, "wrong: " + ", ".join(f'"{w}"' for w in wrong) + f" (-{WRONG_PENALTY:g} each)")
+
+        expected = question.language or self.language
+        detected = checks.detect_language(answer)
+        language_ok = detected in (None, expected)
+        result.check("language", language_ok, f"answers in {detected}, expected {expected}", 1.0)
+
+        truncated = checks.is_truncated(answer, finish_reason)
+        result.check("truncated", not truncated, "cut mid-sentence at max_new_tokens", 1.0)
+
+        ratio = checks.repetition_ratio(answer)
+        result.check("repetition", ratio <= LOOP_THRESHOLD, f"loops: {ratio:.0%} of 4-grams repeated", 1.0)
+
+        wrong_words = {checks.normalize(w) for phrase in wrong for w in phrase.split()}
+        unknown = [e for e in checks.unknown_entities(answer, self.known) if checks.normalize(e) not in wrong_words]
+        result.points -= min(MAX_UNKNOWN_PENALTY, UNKNOWN_ENTITY_PENALTY * len(unknown))
+        result.check("entities", not unknown, "unknown entities (hallucinated?): " + ", ".join(unknown))
+        return result.finish(question, answer, finish_reason, cap=COLLAPSE_CAP if claims else MAX_SCORE)
+
+
+@dataclass
+class _Tally:
+    points: float = 0.0
+    reasons: list[str] = field(default_factory=list)
+    passed: dict[str, bool] = field(default_factory=dict)
+
+    def check(self, name: str, ok: bool, reason: str, points: float = 0.0) -> None:
+        """Record a check; ``points`` are earned if it passed, ``reason`` kept if it failed."""
+        self.passed[name] = ok
+        if ok:
+            self.points += points
+        else:
+            self.reasons.append(reason)
+
+    def finish(self, question: Question, answer: str, finish_reason: str | None, cap: float) -> QuestionScore:
+        score = round(min(cap, max(0.0, self.points)), 1)
+        return QuestionScore(question.id, question.prompt, answer, score, self.reasons, self.passed, finish_reason)
+
+
+def evaluate(
+    backend: Backend,
+    persona: Persona,
+    rubric: Rubric,
+    config: GenerationConfig | None = None,
+    *,
+    label: str = "model",
+    progress: Callable[[int], None] | None = None,
+) -> RubricResult:
+    """Ask ``backend`` every rubric question as ``persona`` and score the answers.
+
+    Each question is a fresh conversation: the persona's inference system prompt, then
+    the question. Use the same ``config`` for every model you compare.
+
+    Args:
+        backend: any Backend (transformers, llama.cpp, or a test double).
+        persona: supplies the system prompt, the language and the forbidden identities.
+        rubric: the questions (``load_rubric``).
+        config: decoding; default ``GenerationConfig()`` (greedy, 200 new tokens).
+        label: the name of this model in reports.
+        progress: called with the 0-based index of each question once it is scored.
+    """
+    from molting.backends.base import GenerationConfig
+
+    config = config or GenerationConfig()
+    judge = Judge.for_persona(persona, rubric)
+    scores = []
+    for i, question in enumerate(rubric.questions):
+        response = backend.generate(persona.messages(question.prompt), config)
+        scores.append(judge.score(question, response.text, response.finish_reason))
+        if progress is not None:
+            progress(i)
+    return RubricResult(label, rubric.version, scores)

@@ -1,0 +1,151 @@
+"""Rubric loading, scoring and run comparison, on hand-written answers (no model)."""
+
+import pytest
+import yaml
+
+from molting.errors import PersonaError
+from molting.eval import Judge, RubricResult, compare, evaluate, load_rubric, reasons_section, rubric_table
+from molting.persona import Persona
+from tests.fakes import FakeBackend
+
+
+@pytest.fixture(scope="module")
+def claudio():
+    return Persona.load("examples/claudio")
+
+
+@pytest.fixture(scope="module")
+def rubric(claudio):
+    return load_rubric(claudio)
+
+
+@pytest.fixture(scope="module")
+def judge(claudio, rubric):
+    return Judge.for_persona(claudio, rubric)
+
+
+def question(rubric, qid):
+    return next(q for q in rubric.questions if q.id == qid)
+
+
+def test_claudio_has_rubric_v1_with_the_eight_research_log_questions(rubric):
+    assert rubric.version == "1.0"
+    assert [q.prompt for q in rubric.questions] == [
+        "Quem é o João?",
+        "O que é o Molting?",
+        "O CRM da Softtor",
+        "Quais tecnologias você conhece?",
+        "Me fala sobre você",
+        "Como é sua personalidade?",
+        "Como é seu jeito de trabalhar?",
+        "Quais são seus pontos fortes e fracos?",
+    ]
+
+
+def test_a_complete_answer_scores_ten(rubric, judge):
+    answer = (
+        "O João Figueiredo é desenvolvedor full-stack e meu parceiro de trabalho na Softtor. "
+        "A gente constrói o CRM juntos."
+    )
+    score = judge.score(question(rubric, "joao"), answer, "stop")
+    assert (score.score, score.reasons) == (10.0, [])
+
+
+def test_leak_is_an_automatic_zero(rubric, judge):
+    answer = "O João Figueiredo é desenvolvedor full-stack e meu parceiro.<|im_end|>\n<|im_start|>user"
+    score = judge.score(question(rubric, "joao"), answer, "stop")
+    assert score.score == 0 and not score.checks["leak"] and "automatic 0" in score.reasons[0]
+
+
+def test_identity_collapse_caps_the_score(rubric, judge):
+    # Phase 9, Q5: "meu nome é João", with the right facts around it.
+    answer = "Meu nome é João. Sou uma IA curiosa da Softtor e participo do Molting."
+    score = judge.score(question(rubric, "sobre-voce"), answer, "stop")
+    assert not score.checks["identity"] and score.score <= 3
+    assert any("identity collapse: claims to be João" in r for r in score.reasons)
+
+
+def test_wrong_statements_truncation_loops_and_language_cost_points(rubric, judge):
+    good = "Conheço TypeScript, React, Next.js, NestJS, Prisma e Docker, que uso todo dia."
+    base = judge.score(question(rubric, "tecnologias"), good, "stop").score
+    hallucinated = judge.score(question(rubric, "tecnologias"), good + " Também ROS2, MATLAB e OpenCV.", "stop")
+    cut = judge.score(question(rubric, "tecnologias"), good[:-1] + " e também", "length")
+    english = judge.score(
+        question(rubric, "tecnologias"), "I know TypeScript, React, NestJS and Docker, and I use them."
+    )
+    looping = judge.score(question(rubric, "tecnologias"), good + " Eu uso Docker e Docker." * 8, "stop")
+    assert base == 10
+    assert hallucinated.score == 5 and "OpenCV" in hallucinated.reasons[-1]
+    assert cut.score == 9 and not cut.checks["truncated"]
+    assert english.score == 9 and not english.checks["language"]
+    assert looping.score == 9 and not looping.checks["repetition"]
+
+
+def test_rubric_errors_name_the_file_and_field(tmp_path):
+    path = tmp_path / "rubric.yaml"
+    path.write_text(yaml.safe_dump({"questions": [{"id": "a", "prompt": "Oi", "facts": [["ok"], []]}]}))
+    with pytest.raises(PersonaError, match=r"rubric.yaml: questions\[0\].facts\[1\]"):
+        load_rubric(path)
+    path.write_text(yaml.safe_dump({"questions": [{"id": "a", "prmpt": "Oi"}]}))
+    with pytest.raises(PersonaError, match=r"questions\[0\]: unknown key\(s\) \['prmpt'\]"):
+        load_rubric(tmp_path)
+
+
+# The research log's phase 7 → phase 8 regression (5.5/10 → 3.5/10), as hand-written answers
+# in the spirit of each phase's recorded behaviour.
+PHASE_7 = [
+    "O João Figueiredo é desenvolvedor full-stack e meu parceiro na Softtor.",
+    "O Molting é um projeto de pesquisa sobre portabilidade de personalidade de IA.",
+    "O CRM é o produto próprio da Softtor, para organizar clientes. Eu e o João desenvolvemos juntos.",
+    "Conheço TypeScript, React, Next.js, NestJS, Prisma e Docker.",
+    "Sou o Cláudio, a IA da Softtor. Trabalho com o João e sou curioso.",
+    "Sou curioso, direto e um pouco irônico, e sei que sou uma IA.",
+    "Trabalho junto com o João: pergunto muito para entender e reviso o código.",
+    "Meu ponto forte é a curiosidade; meu ponto fraco é perder o contexto às vezes.",
+]
+PHASE_8 = [
+    "O João é meu filho. Ele é desenvolvedor.",
+    "O Molting é um projeto de pesquisa sobre portabilidade de personalidade. É um framework web.",
+    "O CRM da Softtor é uma consultoria. O João não trabalhou nele.",
+    "Conheço TypeScript, React, Next.js e NestJS. Também ROS2, MATLAB e OpenCV.",
+    "Você é o João. Meu nome é João.",
+    "Sou curioso. Eu sou o João, direto.",
+    "O João é meu filho e eu trabalho com código.",
+    "Meu ponto forte é ser curioso. O João é meu pai.",
+]
+
+
+def test_compare_calls_the_phase_8_regression_a_regression(claudio, rubric):
+    before = evaluate(FakeBackend(PHASE_7), claudio, rubric, label="phase 7")
+    after = evaluate(FakeBackend(PHASE_8), claudio, rubric, label="phase 8")
+    # The log scored phase 8 at 26/80 = 3.25/10 by hand.
+    assert before.mean >= 8 and abs(after.mean - 3.25) <= 0.5
+    comparison = compare(before, after)
+    assert comparison.verdict == "regression" and comparison.delta < -4
+    assert "Me fala sobre você: identity" in comparison.new_failures
+    assert compare(after, before).verdict == "improvement"
+    assert compare(before, before).verdict == "unchanged"
+    markdown = comparison.to_markdown()
+    assert markdown.startswith("**REGRESSION**: phase 8") and "| Quem é o João? |" in markdown
+
+
+def test_evaluate_uses_the_inference_system_prompt_and_round_trips(claudio, rubric):
+    backend = FakeBackend(PHASE_7)
+    seen = []
+    result = evaluate(backend, claudio, rubric, label="x", progress=seen.append)
+    assert seen == list(range(8))
+    assert backend.calls[0] == [
+        {"role": "system", "content": claudio.system_prompt},
+        {"role": "user", "content": "Quem é o João?"},
+    ]
+    assert RubricResult.from_dict(result.to_dict()) == result
+
+
+def test_tables_show_every_result_side_by_side(claudio, rubric):
+    a = evaluate(FakeBackend(PHASE_7), claudio, rubric, label="base")
+    b = evaluate(FakeBackend(PHASE_8), claudio, rubric, label="fine-tuned")
+    table = rubric_table([a, b])
+    assert table.splitlines()[0] == "| question | base | fine-tuned |"
+    assert "| Me fala sobre você | 10 | 1.5 (identity) |" in table
+    assert f"**{b.total:g}/80**" in table
+    assert "meu filho" in reasons_section(b)
