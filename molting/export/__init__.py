@@ -1,0 +1,10 @@
+"""Export: merge a LoRA adapter, write GGUF, quantize with llama.cpp.
+
+``merge_adapter`` → ``write_gguf`` → ``quantize``; each writes its output atomically.
+"""
+
+from molting.export.gguf import write_gguf
+from molting.export.merge import merge_adapter
+from molting.export.quantize import QUANT_TYPES, quantize
+
+__all__ = ["QUANT_TYPES", "merge_adapter", "quantize", "write_gguf"]

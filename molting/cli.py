@@ -1,0 +1,301 @@
+"""The ``molting`` command. Handlers parse options, call the library and print with rich."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from molting.errors import MoltingError
+
+# The libraries' own tqdm bars would interleave with molting's rich ones.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+app = typer.Typer(help="AI personality portability: persona → LoRA → rubric → GGUF.", no_args_is_help=True)
+console = Console()
+
+PersonaDir = Annotated[Path, typer.Argument(help="persona directory (persona.yaml, dataset.jsonl, rubric.yaml)")]
+Base = Annotated[str, typer.Option("--base", help="embedded model name or local model directory")]
+# Training options default to None: "TrainConfig's default", kept in one place (molting.train).
+Epochs = Annotated[float, typer.Option(help="training epochs [default: TrainConfig's]")]
+Rank = Annotated[int, typer.Option("--r", help="LoRA rank r [default: TrainConfig's]")]
+Alpha = Annotated[int, typer.Option(help="LoRA alpha, scale = lora_alpha / r [default: TrainConfig's]")]
+LR = Annotated[float, typer.Option("--lr", help="learning rate [default: TrainConfig's]")]
+MaxLength = Annotated[int, typer.Option(help="training sequence limit, tokens [default: TrainConfig's]")]
+Quantization = Annotated[str, typer.Option(help="auto (4-bit on CUDA, none on CPU), 4bit or none")]
+MaxNew = Annotated[int, typer.Option(help="max_new_tokens for generation")]
+RepPenalty = Annotated[float, typer.Option(help="repetition_penalty (1.0 disables)")]
+
+
+class RichUI:
+    """Progress for the library's long steps, drawn with rich."""
+
+    def step(self, title: str) -> None:
+        console.rule(f"[bold]{title}")
+
+    @contextlib.contextmanager
+    def bar(self, title: str, total: int | None):
+        columns = [
+            SpinnerColumn(),
+            TextColumn(title),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+        ]
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(title, total=total)
+
+            def advance(done: int, total: int | None = None) -> None:
+                progress.update(task, completed=done, **({"total": total} if total else {}))
+
+            yield advance
+
+    def table(self, result) -> None:
+        table = Table(title=f"{result.label}: {result.total}/{result.max_total}")
+        for column in ("question", "score", "reasons"):
+            table.add_column(column)
+        for score in result.scores:
+            table.add_row(score.prompt, str(score.score), "; ".join(score.reasons) or "ok")
+        console.print(table)
+
+    def budget(self, report) -> None:
+        s = report.summary()
+        table = Table(title=f"token budget (max_length {s['max_length']})")
+        table.add_column("figure")
+        table.add_column("tokens", justify="right")
+        for key in (
+            "system_prompt_tokens",
+            "room_after_system_prompt",
+            "tokens_min",
+            "tokens_median",
+            "tokens_max",
+            "truncated_examples",
+        ):
+            table.add_row(key.replace("_", " "), str(s[key]))
+        console.print(table)
+        for item in s["truncated"]:
+            console.print(f"[yellow]example {item['example']} is {item['tokens_over']} tokens over max_length")
+
+
+def _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization):
+    from molting.train import TrainConfig
+
+    options = dict(
+        base_model=base,
+        num_train_epochs=epochs,
+        r=r,
+        lora_alpha=lora_alpha,
+        learning_rate=lr,
+        max_length=max_length,
+        quantization=quantization,
+    )
+    return TrainConfig(**{k: v for k, v in options.items() if v is not None})
+
+
+def _fail(exc: MoltingError) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: MaxLength = None) -> None:
+    """Check a persona directory and print its token budget with the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from molting.data import token_budget
+    from molting.models import resolve_base_model
+    from molting.persona import Persona
+    from molting.train import TrainConfig
+
+    max_length = max_length or TrainConfig.max_length
+    try:
+        persona = Persona.load(persona_dir)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(base))
+    except MoltingError as exc:
+        _fail(exc)
+    console.print(f"{persona.name}: {len(persona.examples)} examples, language {persona.language}")
+    for label, prompt in (("training", persona.train_system_prompt), ("inference", persona.system_prompt)):
+        console.print(f"[bold]{label} system prompt")
+        RichUI().budget(token_budget(tokenizer, persona.examples, prompt, max_length))
+
+
+@app.command()
+def train(
+    persona_dir: PersonaDir,
+    out: Annotated[Path, typer.Option(help="output directory (adapter/, run.json)")] = None,
+    base: Base = "smollm2-135m",
+    epochs: Epochs = None,
+    r: Rank = None,
+    lora_alpha: Alpha = None,
+    lr: LR = None,
+    max_length: MaxLength = None,
+    quantization: Quantization = "auto",
+) -> None:
+    """Fine-tune a LoRA adapter on a persona."""
+    from molting.persona import Persona
+    from molting.train import train as run_training
+    from molting.train import training_budget
+
+    ui = RichUI()
+    try:
+        persona = Persona.load(persona_dir)
+        config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization)
+        out = out or Path("runs") / persona.slug
+        ui.budget(training_budget(persona, config))
+        with ui.bar("training", None) as advance:
+            record = run_training(persona, out, config, on_step=lambda s, n, logs: advance(s, n))
+    except MoltingError as exc:
+        _fail(exc)
+    console.print(
+        f"adapter: {out / 'adapter'}  ({record.train_seconds:.0f} s, "
+        f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind})"
+    )
+
+
+@app.command(name="eval")
+def evaluate(
+    persona_dir: PersonaDir,
+    model: Annotated[str, typer.Option(help="GGUF file, model/adapter/run directory or embedded name")] = None,
+    label: Annotated[str, typer.Option(help="column name in reports")] = None,
+    out: Annotated[Path, typer.Option(help="write the result as JSON here")] = None,
+    max_new_tokens: MaxNew = 200,
+    repetition_penalty: RepPenalty = 1.3,
+) -> None:
+    """Score a model on the persona's rubric by what it generates."""
+    import json
+
+    from molting.backends import GenerationConfig, load_backend
+    from molting.eval import evaluate as run_rubric
+    from molting.eval import load_rubric
+    from molting.persona import Persona
+
+    ui = RichUI()
+    try:
+        persona = Persona.load(persona_dir)
+        rubric = load_rubric(persona)
+        model = model or str(persona.default_model())
+        backend = load_backend(model)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+        with ui.bar("rubric", len(rubric.questions)) as advance:
+            result = run_rubric(
+                backend, persona, rubric, config, label=label or str(model), progress=lambda i: advance(i + 1)
+            )
+    except MoltingError as exc:
+        _fail(exc)
+    ui.table(result)
+    if out:
+        out.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+
+
+@app.command()
+def export(
+    persona_dir: PersonaDir,
+    adapter: Annotated[Path, typer.Option(help="peft adapter directory from `molting train`")],
+    out: Annotated[Path, typer.Option(help="the .gguf file to write")],
+    quant: Annotated[str, typer.Option(help="F16, Q8_0, Q4_K_M, ...")] = "Q4_K_M",
+    base: Base = "smollm2-135m",
+) -> None:
+    """Merge an adapter into its base and write a GGUF with the persona's prompt inside."""
+    import tempfile
+
+    from molting.export import merge_adapter, quantize, write_gguf
+    from molting.models import resolve_base_model
+    from molting.persona import Persona
+
+    ui = RichUI()
+    try:
+        persona = Persona.load(persona_dir)
+        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+            ui.step("merge")
+            merged = merge_adapter(resolve_base_model(base), adapter, Path(tmp) / "merged")
+            f16 = out if quant.upper() == "F16" else Path(tmp) / "model.F16.gguf"
+            with ui.bar("GGUF F16", None) as advance:
+                write_gguf(
+                    merged,
+                    f16,
+                    system_prompt=persona.system_prompt,
+                    name=persona.name,
+                    progress=lambda d, t: advance(d, t),
+                )
+            if f16 != out:
+                ui.step(f"quantize {quant}")
+                quantize(f16, out, quant)
+    except MoltingError as exc:
+        _fail(exc)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def chat(
+    persona_dir: PersonaDir,
+    message: Annotated[str, typer.Argument(help="one message; omit for an interactive session")] = None,
+    model: Annotated[str, typer.Option(help="GGUF file, model/adapter/run directory or embedded name")] = None,
+    max_new_tokens: MaxNew = 200,
+    repetition_penalty: RepPenalty = 1.3,
+) -> None:
+    """Talk to a persona (default: its latest GGUF in runs/, else the embedded base model)."""
+    from molting.backends import load_backend
+    from molting.persona import Persona
+
+    try:
+        persona = Persona.load(persona_dir)
+        backend = load_backend(model or persona.default_model())
+    except MoltingError as exc:
+        _fail(exc)
+    options = dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    history: list[dict] = []
+    while True:
+        text = message if message is not None else console.input("[bold]você> ")
+        if not text or text in ("/exit", "/quit"):
+            return
+        answer = persona.chat(text, model=backend, history=history, **options)
+        console.print(f"[bold]{persona.name}>[/] {answer}")
+        if message is not None:
+            return
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+
+
+@app.command(name="run")
+def run_all(
+    persona_dir: PersonaDir,
+    out: Annotated[Path, typer.Option(help="run directory (default runs/<persona>)")] = None,
+    base: Base = "smollm2-135m",
+    epochs: Epochs = None,
+    r: Rank = None,
+    lora_alpha: Alpha = None,
+    lr: LR = None,
+    max_length: MaxLength = None,
+    quantization: Quantization = "auto",
+    quant: Annotated[str, typer.Option(help="GGUF quantization type")] = "Q4_K_M",
+    max_new_tokens: MaxNew = 200,
+    repetition_penalty: RepPenalty = 1.3,
+) -> None:
+    """Validate → budget → train → rubric (base, fine-tuned) → GGUF → rubric (llama.cpp) → report."""
+    from molting.backends import GenerationConfig
+    from molting.persona import Persona
+    from molting.pipeline import RunConfig, run
+
+    try:
+        persona = Persona.load(persona_dir)
+        config = RunConfig(
+            out=out,
+            quant=quant,
+            train=_train_config(base, epochs, r, lora_alpha, lr, max_length, quantization),
+            generation=GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty),
+        )
+        result = run(persona, config, RichUI())
+    except MoltingError as exc:
+        _fail(exc)
+    console.rule("[bold green]done")
+    console.print(f"report:  {result.report}\nadapter: {result.adapter}\nGGUF:    {result.gguf}")
+
+
+if __name__ == "__main__":
+    app()

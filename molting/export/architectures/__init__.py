@@ -1,0 +1,72 @@
+"""Architectures the GGUF writer knows, registered by Hugging Face class name.
+
+An architecture is a small flat class (see ``llama.py``) with:
+
+- ``gguf_arch``: a ``gguf.MODEL_ARCH`` member, the ``general.architecture`` it writes;
+- ``set_params(writer, config)``: the architecture's hyperparameter keys;
+- ``tensors(state, config)``: a generator of ``(gguf_name, np.ndarray)`` pairs from
+  ``(hf_name, np.ndarray)`` pairs.
+
+Adding an architecture is one new file with ``@register("XForCausalLM")`` on its class
+and one import line at the bottom of this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+from molting.errors import ExportError
+
+
+class Architecture(Protocol):
+    """What ``write_gguf`` needs from an architecture."""
+
+    gguf_arch: Any  # gguf.MODEL_ARCH
+
+    def set_params(self, writer: Any, config: Any) -> None: ...
+
+    def tensors(self, state: Iterable[tuple[str, np.ndarray]], config: Any) -> Iterator[tuple[str, np.ndarray]]: ...
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(*hf_names: str) -> Callable[[type], type]:
+    """Class decorator: register an architecture under one or more HF class names.
+
+    Args:
+        hf_names: values of ``config.architectures[0]``, e.g. ``"LlamaForCausalLM"``.
+    """
+
+    def decorate(cls: type) -> type:
+        for hf_name in hf_names:
+            if hf_name in _REGISTRY:
+                raise ValueError(f"architecture {hf_name!r} is registered twice")
+            _REGISTRY[hf_name] = cls
+        return cls
+
+    return decorate
+
+
+def supported() -> list[str]:
+    """The registered HF class names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_architecture(hf_name: str) -> Architecture:
+    """An instance of the architecture registered as ``hf_name``.
+
+    Raises:
+        ExportError: ``hf_name`` is not registered (the message lists those that are).
+    """
+    try:
+        return _REGISTRY[hf_name]()
+    except KeyError:
+        raise ExportError(f"cannot export architecture {hf_name!r} to GGUF; supported: {supported()}") from None
+
+
+# One import per architecture module; importing it registers it.
+from molting.export.architectures import llama  # noqa: E402, F401

@@ -1,0 +1,346 @@
+"""Write a Hugging Face model directory as one GGUF file for llama.cpp.
+
+The file layout, key names and tensor names are the GGUF spec's
+(https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) as gguf-py tabulates them
+(``gguf.Keys``, ``gguf.TensorNameMap``); this module adds nothing to the format but
+one custom key, ``molting.system_prompt``. Each architecture is a small class in
+``molting.export.architectures``, looked up by ``config.architectures[0]``.
+
+Weights are streamed: one pass over the safetensors files collects tensor shapes for
+the header, a second pass converts and writes one tensor at a time, so no more than
+one tensor is held in memory beside the memory-mapped files. The output is written
+to a temporary sibling and renamed at the end (``molting.io.atomic_path``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from molting.errors import ExportError
+from molting.export.architectures import Architecture, get_architecture
+from molting.io import atomic_path
+from molting.models import SOURCE_FILE
+
+OUTTYPES = {
+    "f32": (np.float32, gguf.LlamaFileType.ALL_F32),
+    "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
+}
+SYSTEM_PROMPT_KEY = "molting.system_prompt"
+# Tokens that close a turn in common chat templates; llama.cpp stops at EOS.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+# tokenizers pre-tokenizer pipelines whose splitting llama.cpp implements under a
+# ``tokenizer.ggml.pre`` name (llama.cpp's src/llama-vocab.cpp): ByteLevel with its regex
+# is GPT-2's pattern (``gpt-2``); Digits(individual_digits) before it adds llama.cpp's
+# ``\p{N}`` split (``smollm``). ``default`` is neither: it also splits punctuation runs and digits in threes.
+PRE_TOKENIZERS = {
+    (("ByteLevel", True, False),): "gpt-2",
+    (("Digits", True), ("ByteLevel", True, False)): "smollm",
+}
+
+Progress = Callable[[int, int], None]
+
+
+def write_gguf(
+    model_dir: str | Path,
+    out_path: str | Path,
+    *,
+    system_prompt: str | None = None,
+    chat_template: str | None = None,
+    tokenizer_pre: str | None = None,
+    outtype: str = "f16",
+    name: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Convert a transformers model directory (config.json, safetensors, tokenizer) to GGUF.
+
+    Args:
+        model_dir: directory written by ``save_pretrained`` (a merged model).
+        out_path: the ``.gguf`` file to write; replaced atomically.
+        system_prompt: the persona's system prompt, baked into the chat template as the
+            default system message and stored raw under ``molting.system_prompt``.
+        chat_template: Jinja chat template; default: the tokenizer's.
+        tokenizer_pre: llama.cpp pre-tokenizer name (``tokenizer.ggml.pre``); default:
+            ``molting_source.json`` in ``model_dir``, else recognised from the
+            tokenizer's pre-tokenizer (``PRE_TOKENIZERS``), else an ExportError.
+        outtype: ``"f16"`` or ``"f32"`` for matrices; 1-D tensors (norms) stay F32.
+        name: ``general.name``; default: the directory name.
+        progress: called as ``progress(done, total)`` after each tensor is written.
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        ExportError: unknown ``outtype`` or architecture, no weights, no chat template,
+            or a tokenizer that is not byte-level BPE.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if outtype not in OUTTYPES:
+        raise ExportError(f"unknown outtype {outtype!r}; allowed: {sorted(OUTTYPES)}")
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir}: no config.json (save the model with save_pretrained)")
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = get_architecture((config.architectures or ["<none>"])[0])
+    files = _weight_files(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    template = chat_template or tokenizer.chat_template
+    if not template:
+        raise ExportError(f"{model_dir}: the tokenizer has no chat template; pass chat_template=")
+    dtype, file_type = OUTTYPES[outtype]
+    with atomic_path(out_path) as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+        try:
+            _add_general(writer, name or model_dir.name, file_type, system_prompt)
+            arch.set_params(writer, config)
+            _add_tokenizer(writer, tokenizer, model_dir, config.vocab_size, tokenizer_pre, template)
+            writer.add_chat_template(with_system_prompt(template, system_prompt))
+            _write_tensors(writer, lambda: _converted(arch, files, config, dtype), progress)
+        finally:
+            writer.close()
+    return out_path
+
+
+def with_system_prompt(template: str, system_prompt: str | None) -> str:
+    """Prefix ``template`` so that ``system_prompt`` is the default system message.
+
+    When the conversation does not start with a system message, the prefix prepends
+    ``{'role': 'system', 'content': system_prompt}`` to ``messages`` before the
+    template runs; the prefix itself renders nothing. The prompt is a JSON string
+    literal, which Jinja reads back unchanged (quotes, newlines, ``%}`` included).
+
+    Args:
+        template: a Jinja chat template iterating over ``messages``.
+        system_prompt: the default system message; None or "" leaves the template as is.
+    """
+    if not system_prompt:
+        return template
+    literal = json.dumps(system_prompt, ensure_ascii=False)
+    return (
+        "{%- if not messages or messages[0]['role'] != 'system' %}"
+        "{%- set messages = [{'role': 'system', 'content': " + literal + "}] + messages %}"
+        "{%- endif %}" + template
+    )
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The model's safetensors files: those of the shard index, else ``model*.safetensors``."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / shard for shard in shards]
+    files = sorted(model_dir.glob("model*.safetensors"))
+    if not files:
+        raise ExportError(f"{model_dir}: no model*.safetensors weights (save the model with save_pretrained)")
+    return files
+
+
+def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(hf_name, float32 array)`` for every tensor, one tensor loaded at a time."""
+    import torch
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                yield key, f.get_tensor(key).to(torch.float32).numpy()
+
+
+def _converted(arch: Architecture, files: list[Path], config: Any, dtype: type) -> Iterator[tuple[str, np.ndarray]]:
+    """The architecture's GGUF tensors, matrices cast to ``dtype``, 1-D tensors F32."""
+    for name, array in arch.tensors(_read_safetensors(files), config):
+        target = np.float32 if array.ndim <= 1 else dtype
+        yield name, np.ascontiguousarray(array, dtype=target)
+
+
+def _write_tensors(
+    writer: gguf.GGUFWriter,
+    tensors: Callable[[], Iterator[tuple[str, np.ndarray]]],
+    progress: Progress | None,
+) -> None:
+    """Write header, metadata and tensors, streaming: a shape pass, then a data pass.
+
+    Args:
+        writer: a GGUFWriter with all key/values added and no tensor yet.
+        tensors: returns a fresh generator of ``(gguf_name, array)`` each call.
+        progress: ``progress(done, total)`` after each tensor written.
+    """
+    names = []
+    for name, array in tensors():
+        writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes)
+        names.append(name)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for done, (name, array) in enumerate(tensors(), start=1):
+        if name != names[done - 1]:
+            raise ExportError(f"tensor order changed between passes: {name!r} != {names[done - 1]!r}")
+        writer.write_tensor_data(array)
+        if progress is not None:
+            progress(done, len(names))
+    writer.flush()
+
+
+def _add_general(writer: gguf.GGUFWriter, name: str, file_type: int, system_prompt: str | None) -> None:
+    """``general.*`` keys, and ``molting.system_prompt`` when there is one."""
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if system_prompt:
+        writer.add_string(SYSTEM_PROMPT_KEY, system_prompt)
+
+
+def _add_tokenizer(
+    writer: gguf.GGUFWriter, tokenizer: Any, model_dir: Path, n_vocab: int, pre: str | None, template: str
+) -> None:
+    """``tokenizer.ggml.*`` keys of a byte-level BPE tokenizer (llama.cpp's ``gpt2`` model).
+
+    Args:
+        tokenizer: a transformers fast tokenizer.
+        model_dir: where its ``tokenizer.json`` (merges) and generation config live.
+        n_vocab: the model's ``vocab_size``, at least the tokenizer's; ids without a
+            token are written as unused ``[PAD<id>]`` tokens.
+        pre: explicit ``tokenizer.ggml.pre``, or None to resolve it.
+        template: the chat template, which names the end-of-turn token (EOS).
+
+    Raises:
+        ExportError: not byte-level BPE, no merges, or more tokens than ``n_vocab``.
+    """
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    is_byte_level = "ByteLevel" in json.dumps([backend.get("pre_tokenizer"), backend.get("decoder")])
+    if backend["model"]["type"] != "BPE" or not is_byte_level:
+        raise ExportError(
+            f"{model_dir}: only byte-level BPE tokenizers can be exported (GGUF tokenizer model "
+            f"'gpt2'); this one is {backend['model']['type']}"
+        )
+    tokens, types = _vocab(tokenizer, n_vocab)
+    merges = gguf.SpecialVocab(model_dir, load_merges=True, special_token_types=()).merges
+    if not merges:
+        raise ExportError(f"{model_dir}: no BPE merges in tokenizer.json or merges.txt")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre or _tokenizer_pre(model_dir, backend.get("pre_tokenizer")))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    _add_special_ids(writer, tokenizer, model_dir, template)
+
+
+def _vocab(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int]]:
+    """Token strings and ``gguf.TokenType`` values for ids ``0 .. n_vocab-1``.
+
+    Added special tokens are CONTROL, other added tokens USER_DEFINED (llama.cpp
+    matches those as raw text before BPE), the rest NORMAL.
+    """
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= n_vocab:
+        raise ExportError(f"the tokenizer has token id {max(by_id)} but the model's vocab_size is {n_vocab}")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i in added:
+            tokens.append(added[i].content)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        elif i in by_id:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    return tokens, types
+
+
+def _tokenizer_pre(model_dir: Path, pre_tokenizer: dict | None) -> str:
+    """``tokenizer.ggml.pre``: ``molting_source.json``'s, else recognised from ``PRE_TOKENIZERS``.
+
+    Raises:
+        ExportError: a pre-tokenizer molting does not recognise. Guessing would make
+            llama.cpp split text differently from transformers, silently.
+    """
+    source = model_dir / SOURCE_FILE
+    if source.is_file():
+        recorded = json.loads(source.read_text()).get("tokenizer_pre")
+        if recorded:
+            return recorded
+    signature = _pre_signature(pre_tokenizer)
+    if signature not in PRE_TOKENIZERS:
+        raise ExportError(
+            f"{model_dir}: unrecognised pre-tokenizer {signature}; pass tokenizer_pre= with llama.cpp's "
+            "name for it (tokenizer.ggml.pre in src/llama-vocab.cpp, e.g. 'llama-bpe', 'qwen2')"
+        )
+    return PRE_TOKENIZERS[signature]
+
+
+def _pre_signature(pre_tokenizer: dict | None) -> tuple:
+    """The splitting-relevant fields of a tokenizers pre-tokenizer pipeline, as a tuple."""
+    if not pre_tokenizer:
+        return ()
+    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer])
+    signature = []
+    for step in steps:
+        if step["type"] == "ByteLevel":
+            signature.append(("ByteLevel", step.get("use_regex", True), step.get("add_prefix_space", False)))
+        elif step["type"] == "Digits":
+            signature.append(("Digits", step.get("individual_digits", False)))
+        else:
+            signature.append((step["type"],))
+    return tuple(signature)
+
+
+def _add_special_ids(writer: gguf.GGUFWriter, tokenizer: Any, model_dir: Path, template: str) -> None:
+    """BOS/EOS/PAD/UNK ids and ``add_bos_token``/``add_eos_token``.
+
+    EOS is the end-of-turn token (see ``end_of_turn_id``) so llama.cpp stops by itself
+    after an answer. A tokenizer without BOS gets EOS as BOS; it is never added.
+    """
+    eos = end_of_turn_id(tokenizer, template, model_dir)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    probe = tokenizer("a")["input_ids"]
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    if tokenizer.unk_token_id is not None:
+        writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id)
+
+
+def end_of_turn_id(tokenizer: Any, template: str, model_dir: Path) -> int:
+    """The id of the token that ends an assistant turn in ``template``.
+
+    Candidates, in order: the tokenizer's EOS, ``generation_config.json``'s
+    ``eos_token_id`` (int or list), then known end-of-turn tokens
+    (``END_OF_TURN_TOKENS``); the first whose text appears in the template wins
+    (``<|im_end|>`` for ChatML). Templates that only say ``eos_token`` get the
+    tokenizer's EOS.
+
+    Raises:
+        ExportError: no candidate at all.
+    """
+    candidates = [tokenizer.eos_token_id, *_generation_eos(model_dir)]
+    vocab = tokenizer.get_vocab()
+    candidates += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
+    for token_id in candidates:
+        if token_id is not None and tokenizer.convert_ids_to_tokens(token_id) in template:
+            return token_id
+    if tokenizer.eos_token_id is None:
+        raise ExportError(f"{model_dir}: the tokenizer has no eos_token and the template no end-of-turn token")
+    return tokenizer.eos_token_id
+
+
+def _generation_eos(model_dir: Path) -> list[int]:
+    """``eos_token_id`` of ``generation_config.json`` as a list (empty when absent)."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, list) else [eos]

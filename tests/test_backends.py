@@ -1,0 +1,86 @@
+import pytest
+
+from molting.backends import GenerationConfig, load_backend
+from molting.backends.transformers import TransformersBackend
+from molting.errors import ConfigError
+
+MESSAGES = [{"role": "system", "content": "Você é o Cláudio."}, {"role": "user", "content": "Quem é você?"}]
+TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+def prompt_ids(hf: TransformersBackend) -> list[int]:
+    """MESSAGES rendered and tokenized by transformers (v5 returns a dict even when tokenizing)."""
+    return hf.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llama_dir):
+    return TransformersBackend(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_llama_dir, tmp_path_factory):
+    from molting.export import write_gguf
+
+    return write_gguf(tiny_llama_dir, tmp_path_factory.mktemp("gguf") / "tiny.F32.gguf", outtype="f32")
+
+
+def test_stream_joins_into_generate(hf):
+    config = GenerationConfig(max_new_tokens=12)
+    chunks = list(hf.stream(MESSAGES, config))
+    response = hf.generate(MESSAGES, config)
+    assert "".join(c.text for c in chunks).strip() == response.text
+    assert chunks[-1].finish_reason == response.finish_reason
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert response.prompt_tokens == len(prompt_ids(hf))
+
+
+def test_length_finish_and_no_template_tokens(hf):
+    response = hf.generate(MESSAGES, GenerationConfig(max_new_tokens=8))
+    if response.finish_reason == "length":
+        assert response.completion_tokens == 8
+    else:
+        assert response.completion_tokens < 8
+    assert not any(t in response.text for t in TEMPLATE_TOKENS)
+
+
+def test_greedy_is_deterministic_and_seed_repeats_sampling(hf):
+    assert hf.chat(MESSAGES, max_new_tokens=10) == hf.chat(MESSAGES, max_new_tokens=10)
+    sampled = [hf.chat(MESSAGES, max_new_tokens=10, temperature=1.0, seed=s) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_both_engines_decode_the_same_greedy_tokens(hf, tiny_gguf):
+    """F32 weights, greedy: llama.cpp and transformers must agree token for token."""
+    cpp = load_backend(tiny_gguf, n_ctx=256)
+    try:
+        config = GenerationConfig(max_new_tokens=10)
+        a, b = hf.generate(MESSAGES, config), cpp.generate(MESSAGES, config)
+        assert cpp.prompt_tokens(MESSAGES) == prompt_ids(hf)
+        assert (a.text, a.completion_tokens) == (b.text, b.completion_tokens)
+    finally:
+        cpp.close()
+
+
+def test_llamacpp_refuses_prompts_longer_than_n_ctx(tiny_gguf):
+    cpp = load_backend(tiny_gguf, n_ctx=32)
+    with pytest.raises(ConfigError, match="exceeds n_ctx"):
+        cpp.generate(MESSAGES, GenerationConfig(max_new_tokens=30))
+    cpp.close()
+
+
+def test_invalid_options_and_messages(hf):
+    with pytest.raises(ConfigError, match="top_p"):
+        GenerationConfig(top_p=0)
+    with pytest.raises(ConfigError, match=r"messages\[0\].role"):
+        hf.chat([{"role": "bot", "content": "x"}])
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        TransformersBackend("unused", dtype="4bit", device="cpu")
+
+
+def test_load_backend_dispatch(tiny_llama_dir, tmp_path):
+    assert load_backend(tiny_llama_dir).name == "transformers"
+    with pytest.raises(ConfigError, match="not a .gguf file"):
+        load_backend(tmp_path)
+    with pytest.raises(ConfigError, match="GGUF file not found"):
+        load_backend(tmp_path / "missing.gguf")

@@ -1,0 +1,92 @@
+"""`molting run` end to end on a tiny random llama: every artifact written, the report complete."""
+
+import contextlib
+import json
+
+import yaml
+
+from molting.backends import GenerationConfig
+from molting.persona import Persona
+from molting.pipeline import RunConfig, llama_cli_command, run
+from molting.train import TrainConfig
+
+
+class SilentUI:
+    def __init__(self):
+        self.steps = []
+
+    def step(self, title):
+        self.steps.append(title)
+
+    @contextlib.contextmanager
+    def bar(self, title, total):
+        yield lambda done, total=None: None
+
+    def table(self, result):
+        self.steps.append(f"table {result.label}")
+
+    def budget(self, report):
+        self.steps.append(f"budget {report.summary()['examples']} examples")
+
+
+def make_persona(tmp_path):
+    spec = {
+        "name": "Cláudio",
+        "language": "pt",
+        "identity": ["Sou o Cláudio."],
+        "traits": ["curioso"],
+        "forbidden_identities": ["João"],
+        "train_system_prompt": "Você é o Cláudio.",
+        "system_prompt": "Você é o Cláudio, IA da Softtor.",
+    }
+    rubric = {
+        "version": "1.0",
+        "questions": [
+            {"id": "joao", "prompt": "Quem é o João?", "facts": [["parceiro"]], "wrong": [["meu filho"]]},
+            {"id": "voce", "prompt": "Me fala sobre você", "facts": [["Cláudio"]], "wrong": []},
+        ],
+    }
+    (tmp_path / "persona.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    (tmp_path / "rubric.yaml").write_text(yaml.safe_dump(rubric, allow_unicode=True), encoding="utf-8")
+    row = {"messages": [{"role": "user", "content": "Oi"}, {"role": "assistant", "content": "Oi, sou o Cláudio."}]}
+    (tmp_path / "dataset.jsonl").write_text("\n".join([json.dumps(row, ensure_ascii=False)] * 4), encoding="utf-8")
+    return Persona.load(tmp_path)
+
+
+def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
+    (tmp_path / "persona").mkdir()
+    persona = make_persona(tmp_path / "persona")
+    out = tmp_path / "run"
+    config = RunConfig(
+        out=out,
+        train=TrainConfig(base_model=str(tiny_llama_256_dir), num_train_epochs=1, r=4, lora_alpha=8),
+        generation=GenerationConfig(max_new_tokens=8),
+        quant="Q8_0",
+        n_ctx=256,
+    )
+    ui = SilentUI()
+    result = run(persona, config, ui)
+
+    assert result.gguf == out / "claudio.Q8_0.gguf" and result.gguf.stat().st_size > 0
+    assert not (out / "claudio.F16.gguf").exists()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "merged" / "config.json").is_file()
+    assert list(result.results) == ["base", "fine-tuned", "GGUF Q8_0"]
+    for name in ("base", "finetuned", "gguf"):
+        saved = json.loads((out / "eval" / f"{name}.json").read_text())
+        assert len(saved["scores"]) == 2
+    report = result.report.read_text()
+    for needle in ("Token budget", "## Loss", "base", "fine-tuned", "GGUF Q8_0", "llama-cli -m", "Quem é o João?"):
+        assert needle in report
+    assert 'SYSTEM """Você é o Cláudio, IA da Softtor."""' in (out / "Modelfile").read_text()
+    assert ui.steps.index("budget 4 examples") < next(i for i, s in enumerate(ui.steps) if "Training" in s)
+    assert any("Quantizing" in s for s in ui.steps) and "table GGUF Q8_0" in ui.steps
+
+
+def test_llama_cli_command_carries_the_decoding():
+    from pathlib import Path
+
+    command = llama_cli_command(
+        Path("runs/x/x.Q4_K_M.gguf"), GenerationConfig(max_new_tokens=99, repetition_penalty=1.3)
+    )
+    assert command == "llama-cli -m runs/x/x.Q4_K_M.gguf --jinja -cnv --temp 0 --repeat-penalty 1.3 -n 99"

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+
+from molting.errors import ConfigError
+from molting.persona import Persona
+from molting.templates import PROBE, template_family, training_template
+from molting.train import TrainConfig, train
+
+
+def tiny_persona(tmp_path, n=6):
+    persona = Persona(
+        name="Cláudio",
+        language="pt",
+        identity=["Sou o Cláudio."],
+        traits=["curioso"],
+        train_system_prompt="Você é o Cláudio.",
+        system_prompt="Você é o Cláudio, IA da Softtor.",
+        root=tmp_path,
+    )
+    persona.examples = [
+        [{"role": "user", "content": f"Pergunta {i}?"}, {"role": "assistant", "content": "Sou o Cláudio, da Softtor."}]
+        for i in range(n)
+    ]
+    return persona
+
+
+def test_training_template_marks_exactly_the_assistant_turns(tiny_tokenizer):
+    marked = training_template(tiny_tokenizer)
+    out = tiny_tokenizer.apply_chat_template(
+        PROBE, chat_template=marked, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    learned = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    assert tiny_tokenizer.decode(learned) == "Oi! Tudo bem.<|im_end|>Agora, isto.<|im_end|>"
+
+
+def test_training_template_refuses_a_template_it_does_not_reproduce(tiny_tokenizer):
+    original = tiny_tokenizer.chat_template
+    try:
+        tiny_tokenizer.chat_template = original.replace("<|im_start|>", "<|im_start|> ")
+        with pytest.raises(ConfigError, match="renders differently"):
+            training_template(tiny_tokenizer)
+    finally:
+        tiny_tokenizer.chat_template = original
+
+
+def test_template_families():
+    assert template_family("{{ '<|im_start|>' }}") == "chatml"
+    assert template_family("<|assistant|> <|end|>") == "phi3"
+    assert template_family("<|assistant|> </s>") == "zephyr"
+    with pytest.raises(ConfigError, match="unknown chat-template family"):
+        template_family("[INST]")
+
+
+def test_a_few_lora_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path):
+    persona = tiny_persona(tmp_path)
+    steps = []
+    config = TrainConfig(
+        base_model=str(tiny_llama_dir),
+        num_train_epochs=2,
+        per_device_train_batch_size=2,
+        r=4,
+        lora_alpha=8,
+        learning_rate=1e-2,
+    )
+    record = train(persona, tmp_path / "run", config, on_step=lambda s, n, logs: steps.append((s, n)))
+
+    assert steps[-1] == (6, 6)
+    assert [entry["step"] for entry in record.loss] == [1, 2, 3, 4, 5, 6]
+    assert record.loss[-1]["loss"] < record.loss[0]["loss"]
+    assert record.device == "cpu" and record.quantization == "none"
+    assert record.budget["examples"] == 6 and record.budget["truncated_examples"] == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["config"]["r"] == 4 and saved["versions"]["peft"]
+    assert not any(p.name.startswith(".adapter.partial") for p in (tmp_path / "run").iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="only refused without CUDA")
+def test_4bit_without_cuda_is_refused(tiny_llama_dir, tmp_path):
+    config = TrainConfig(base_model=str(tiny_llama_dir), quantization="4bit")
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        train(tiny_persona(tmp_path), tmp_path / "run", config)
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ConfigError, match="quantization 'int3'"):
+        TrainConfig(quantization="int3")
+    with pytest.raises(ConfigError, match="r must be >= 1"):
+        TrainConfig(r=0)
