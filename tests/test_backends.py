@@ -50,11 +50,13 @@ def test_greedy_is_deterministic_and_seed_repeats_sampling(hf):
     assert sampled[0] == sampled[1]
 
 
-def test_both_engines_decode_the_same_greedy_tokens(hf, tiny_gguf):
-    """F32 weights, greedy: llama.cpp and transformers must agree token for token."""
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3, 3.0])
+def test_both_engines_decode_the_same_greedy_tokens(hf, tiny_gguf, repetition_penalty):
+    """F32 weights, greedy: llama.cpp and transformers agree token for token, penalty included
+    (on generated tokens only: a penalty on the prompt in one engine would change the text)."""
     cpp = load_backend(tiny_gguf, n_ctx=256)
     try:
-        config = GenerationConfig(max_new_tokens=10)
+        config = GenerationConfig(max_new_tokens=24, repetition_penalty=repetition_penalty)
         a, b = hf.generate(MESSAGES, config), cpp.generate(MESSAGES, config)
         assert cpp.prompt_tokens(MESSAGES) == prompt_ids(hf)
         assert (a.text, a.completion_tokens) == (b.text, b.completion_tokens)

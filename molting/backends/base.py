@@ -29,7 +29,10 @@ class GenerationConfig:
         max_new_tokens: upper bound on generated tokens.
         temperature: 0 means greedy decoding; > 0 samples.
         top_p: nucleus-sampling mass, in (0, 1]; ignored when greedy.
-        repetition_penalty: CTRL-style penalty (Keskar et al., 2019); 1.0 disables it.
+        repetition_penalty: CTRL-style penalty (Keskar et al., 2019) on the tokens generated so
+            far, never on the prompt (llama.cpp's semantics, which transformers' default
+            does not share): penalising the prompt pushes the model away from the very facts
+            the persona's system prompt states. 1.0 disables it.
         seed: RNG seed for sampling, so that runs repeat.
     """
 

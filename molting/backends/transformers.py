@@ -82,7 +82,7 @@ class TransformersBackend(Backend):
         ).to(self.device)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         streamer = _TokenQueue()
-        kwargs = dict(**inputs, streamer=streamer, **self._sampling(config))
+        kwargs = dict(**inputs, streamer=streamer, **self._sampling(config, prompt_tokens))
         worker = threading.Thread(target=self._generate, args=(kwargs, config.seed, streamer))
         worker.start()
         ids: list[int] = []
@@ -107,12 +107,18 @@ class TransformersBackend(Backend):
         """Text of generated ``ids``: special tokens dropped, spaces as generated (as llama.cpp)."""
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def _sampling(self, config: GenerationConfig) -> dict:
+    def _sampling(self, config: GenerationConfig, prompt_tokens: int) -> dict:
+        """``generate`` options. The repetition penalty skips the prompt, as llama.cpp's does."""
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
         sample = config.temperature > 0
+        penalty = []
+        if config.repetition_penalty != 1.0:
+            penalty = [RepetitionPenaltyLogitsProcessor(config.repetition_penalty, prompt_ignore_length=prompt_tokens)]
         options = dict(
             max_new_tokens=config.max_new_tokens,
             do_sample=sample,
-            repetition_penalty=config.repetition_penalty,
+            logits_processor=LogitsProcessorList(penalty),
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
             eos_token_id=sorted(self.stop_ids),
         )
