@@ -54,8 +54,8 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    num_train_epochs: float = 3.0
-    learning_rate: float = 2e-4
+    num_train_epochs: float = 2.0
+    learning_rate: float = 1e-3
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.05
