@@ -205,28 +205,18 @@ def export(
     """Merge an adapter into its base and write a GGUF with the persona's prompt inside."""
     import tempfile
 
-    from molting.export import merge_adapter, quantize, write_gguf
+    from molting.export import merge_adapter
     from molting.models import resolve_base_model
     from molting.persona import Persona
+    from molting.pipeline import export_gguf
 
     ui = RichUI()
     try:
         persona = Persona.load(persona_dir)
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-            ui.step("merge")
+            ui.step("Merging the adapter into a full-precision copy of the base")
             merged = merge_adapter(resolve_base_model(base), adapter, Path(tmp) / "merged")
-            f16 = out if quant.upper() == "F16" else Path(tmp) / "model.F16.gguf"
-            with ui.bar("GGUF F16", None) as advance:
-                write_gguf(
-                    merged,
-                    f16,
-                    system_prompt=persona.system_prompt,
-                    name=persona.name,
-                    progress=lambda d, t: advance(d, t),
-                )
-            if f16 != out:
-                ui.step(f"quantize {quant}")
-                quantize(f16, out, quant)
+            export_gguf(persona, merged, out, quant, ui)
     except MoltingError as exc:
         _fail(exc)
     console.print(f"wrote {out}")

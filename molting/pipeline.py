@@ -142,25 +142,35 @@ def _evaluate(label, make_backend, persona, rubric, config: RunConfig, out: Path
 
 
 def _export(persona: Persona, merged: Path, out: Path, config: RunConfig, ui) -> Path:
+    target = out / f"{persona.slug}.{config.quant}.gguf"
+    return export_gguf(persona, merged, target, config.quant, ui, keep_f16=config.keep_f16)
+
+
+def export_gguf(persona: Persona, merged: Path, target: Path, quant: str, ui, keep_f16: bool = False) -> Path:
+    """Write ``merged`` as GGUF F16 with ``persona``'s prompt inside, then quantize it to ``target``.
+
+    Args:
+        persona: supplies ``general.name`` and the system prompt baked into the chat template.
+        merged: a merged model directory (``merge_adapter``).
+        target: the final ``.gguf``; the F16 intermediate is written beside it.
+        quant: a ``molting.export.QUANT_TYPES`` key; "F16" writes ``target`` directly.
+        ui: as in :func:`run` (``step`` and ``bar``).
+        keep_f16: keep the F16 intermediate next to ``target``.
+    """
     from molting.export import quantize, write_gguf
 
-    f16 = out / f"{persona.slug}.F16.gguf"
+    f16 = target if quant.upper() == "F16" else target.with_name(f"{persona.slug}.F16.gguf")
     ui.step(f"Writing GGUF F16 with the chat template and {persona.name}'s system prompt")
     with ui.bar("GGUF F16", None) as advance:
-        write_gguf(
-            merged,
-            f16,
-            system_prompt=persona.system_prompt,
-            name=persona.name,
-            progress=lambda done, total: advance(done, total),
-        )
-    if config.quant.upper() == "F16":
-        return f16
-    target = out / f"{persona.slug}.{config.quant}.gguf"
-    ui.step(f"Quantizing to {config.quant} with llama.cpp's quantizer")
-    quantize(f16, target, config.quant)
-    if not config.keep_f16:
-        f16.unlink()
+        write_gguf(merged, f16, system_prompt=persona.system_prompt, name=persona.name, progress=advance)
+    if f16 == target:
+        return target
+    ui.step(f"Quantizing to {quant} with llama.cpp's quantizer")
+    try:
+        quantize(f16, target, quant)
+    finally:
+        if not keep_f16:
+            f16.unlink()
     return target
 
 

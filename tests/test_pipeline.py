@@ -90,3 +90,23 @@ def test_llama_cli_command_carries_the_decoding():
         Path("runs/x/x.Q4_K_M.gguf"), GenerationConfig(max_new_tokens=99, repetition_penalty=1.3)
     )
     assert command == "llama-cli -m runs/x/x.Q4_K_M.gguf --jinja -cnv --temp 0 --repeat-penalty 1.3 -n 99"
+
+
+def test_cli_export_writes_only_the_quantized_gguf(tiny_llama_256_dir, tmp_path):
+    import gguf
+    from typer.testing import CliRunner
+
+    from molting.cli import app
+    from tests.test_merge import make_adapter
+
+    (tmp_path / "persona").mkdir()
+    make_persona(tmp_path / "persona")
+    make_adapter(tiny_llama_256_dir, tmp_path / "adapter")
+    out = tmp_path / "gguf" / "claudio.Q8_0.gguf"
+    out.parent.mkdir()
+    args = ["export", str(tmp_path / "persona"), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--quant", "Q8_0", "--base", str(tiny_llama_256_dir)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["claudio.Q8_0.gguf"]
+    prompt = gguf.GGUFReader(out).fields["molting.system_prompt"]
+    assert bytes(prompt.parts[prompt.data[0]]).decode() == "Você é o Cláudio, IA da Softtor."
