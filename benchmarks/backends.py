@@ -232,13 +232,8 @@ def _open_backend(job: Job) -> Backend:
 
     if job.backend == "transformers":
         return load_backend(job.model, dtype="fp32")
-    backend = load_backend(job.model, n_ctx=job.n_ctx, n_gpu_layers=job.n_gpu_layers, n_threads=job.threads)
-    if job.threads:
-        # LlamaCppBackend takes no n_threads_batch, and llama-cpp-python then prefills on every
-        # core whatever n_threads says; set both so that --threads means the same for both engines.
-        backend.llm._ctx.set_n_threads(job.threads, job.threads)
-        backend.llm.n_threads_batch = job.threads
-    return backend
+    # n_threads_batch follows n_threads, so --threads means the same for both engines.
+    return load_backend(job.model, n_ctx=job.n_ctx, n_gpu_layers=job.n_gpu_layers, n_threads=job.threads)
 
 
 def _sample(prompt: int, response) -> Sample:

@@ -71,6 +71,22 @@ def test_llamacpp_refuses_prompts_longer_than_n_ctx(tiny_gguf):
     cpp.close()
 
 
+def test_llamacpp_prefill_threads_follow_n_threads(tiny_gguf):
+    import llama_cpp
+
+    cpp = load_backend(tiny_gguf, n_ctx=64, n_threads=1)
+    try:
+        ctx = cpp.llm._ctx.ctx
+        assert (llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx)) == (1, 1)
+    finally:
+        cpp.close()
+    cpp = load_backend(tiny_gguf, n_ctx=64, n_threads=1, n_threads_batch=2)
+    try:
+        assert llama_cpp.llama_n_threads_batch(cpp.llm._ctx.ctx) == 2
+    finally:
+        cpp.close()
+
+
 def test_invalid_options_and_messages(hf):
     with pytest.raises(ConfigError, match="top_p"):
         GenerationConfig(top_p=0)

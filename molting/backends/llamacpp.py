@@ -28,7 +28,9 @@ class LlamaCppBackend(Backend):
         n_ctx: context window in tokens (prompt + answer); 0 = the model's training context.
             ``stream`` refuses a prompt that does not leave room for ``max_new_tokens``.
         n_gpu_layers: transformer blocks offloaded to the GPU; 0 = CPU only, -1 = all.
-        n_threads: CPU threads; None lets llama.cpp choose.
+        n_threads: CPU threads for decoding; None lets llama-cpp-python choose.
+        n_threads_batch: CPU threads for prefill (prompt processing); None = ``n_threads``
+            when that is given, else every core.
 
     Raises:
         ConfigError: the file is missing or has no chat template.
@@ -42,6 +44,7 @@ class LlamaCppBackend(Backend):
         n_ctx: int = 2048,
         n_gpu_layers: int = 0,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
     ):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -51,6 +54,7 @@ class LlamaCppBackend(Backend):
             n_ctx=n_ctx,
             n_gpu_layers=n_gpu_layers,
             n_threads=n_threads,
+            n_threads_batch=n_threads_batch or n_threads,
             verbose=False,
         )
         # The window asked for (n_ctx=0: the model's). llama.cpp may pad its own context
