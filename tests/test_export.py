@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
+import re
 import shutil
 
 import gguf
@@ -201,6 +203,24 @@ def test_quantized_model_loads_and_generates(tmp_path, tiny_llama_256_dir, tiny_
     with llama(path) as llm:
         out = llm.create_completion(PROMPT, max_tokens=4, temperature=0.0)
     assert out["usage"]["completion_tokens"] >= 1
+
+
+def test_quantize_sums_up_fallbacks_in_one_warning(tmp_path, tiny_llama_dir, caplog):
+    """Rows of 64 and 128 cannot hold Q4_K's 256-value super-blocks: one warning says so, with counts."""
+    f16 = write_gguf(tiny_llama_dir, tmp_path / "m-f16.gguf", outtype="f16")
+    with caplog.at_level(logging.WARNING, logger="molting.export.quantize"):
+        quantize(f16, tmp_path / "m-q4.gguf", "Q4_K_M", n_threads=2)
+    (record,) = caplog.records
+    pattern = r"^m-q4.gguf: \d+ tensors fell back: q4_K -> q5_0 \(\d+\).*rows \(64, 128\) are not a multiple of 256$"
+    assert re.search(pattern, record.message)
+
+
+def test_quantize_failure_carries_llama_cpp_error_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(ExportError, match="invalid magic"):
+        quantize(bad, tmp_path / "out.gguf", "Q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
 
 
 def test_unknown_quantization_type(tmp_path):

@@ -3,11 +3,19 @@
 The quantization types are llama.cpp's ``LLAMA_FTYPE_MOSTLY_*`` file types
 (``include/llama.h``); block layouts are ggml's (``ggml/src/ggml-quants.c``).
 K-quants (``*_K*``) quantize rows in super-blocks of 256 values; llama.cpp falls back
-to another type for tensors whose rows are not a multiple of 256.
+to another type for tensors whose rows are not a multiple of 256 (SmolLM2-135M's 576:
+Q4_K_M then stores most matrices as q5_0 and q8_0). molting reads llama.cpp's log
+while quantizing and reports those fallbacks in one line instead of one per tensor.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import ctypes
+import logging
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from molting.errors import ExportError
@@ -44,7 +52,9 @@ def quantize(
         out_path: destination ``.gguf``; written to a temporary sibling, then renamed.
         qtype: a key of ``QUANT_TYPES`` (case-insensitive), e.g. ``"Q4_K_M"``.
         n_threads: quantization threads; 0 lets llama.cpp use all cores.
-        verbose: let llama.cpp log every tensor (its warnings are always shown).
+        verbose: print llama.cpp's whole log (every tensor). Otherwise tensors that fell
+            back to another type are summed up in one warning on the ``molting.export.quantize``
+            logger, and llama.cpp's errors go into the ExportError.
 
     Returns:
         ``out_path`` as a Path.
@@ -52,9 +62,6 @@ def quantize(
     Raises:
         ExportError: unknown ``qtype``, missing input, or llama.cpp reports failure.
     """
-    import ctypes
-    import logging
-
     import llama_cpp
 
     name = qtype.upper()
@@ -66,16 +73,76 @@ def quantize(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[name])
     params.nthread = n_threads
-    log = logging.getLogger("llama-cpp-python")  # gates llama.cpp's log callback
-    level = log.level
-    log.setLevel(logging.DEBUG if verbose else logging.ERROR)
-    try:
-        with atomic_path(out_path) as tmp:
-            status = llama_cpp.llama_model_quantize(
-                str(in_path).encode("utf-8"), str(tmp).encode("utf-8"), ctypes.byref(params)
-            )
-            if status != 0:
-                raise ExportError(f"llama.cpp failed to quantize {in_path} to {name} (status {status})")
-    finally:
-        log.setLevel(level)
+    with atomic_path(out_path) as tmp, _llama_log(echo=verbose) as log:
+        status = llama_cpp.llama_model_quantize(
+            str(in_path).encode("utf-8"), str(tmp).encode("utf-8"), ctypes.byref(params)
+        )
+        if status != 0:
+            errors = "".join(text for level, text in log if level == GGML_LOG_LEVEL_ERROR).strip()
+            raise ExportError(f"llama.cpp failed to quantize {in_path} to {name} (status {status}): {errors}")
+    summary = fallback_summary("".join(text for level, text in log if level == GGML_LOG_LEVEL_WARN))
+    if summary:
+        logger.warning("%s: %s", out_path.name, summary)
     return out_path
+
+
+logger = logging.getLogger(__name__)
+
+# ggml's log levels (ggml/include/ggml.h, enum ggml_log_level). llama-cpp-python 0.3.x maps
+# them with an older enum: its default handler prints warnings as errors and hides errors.
+GGML_LOG_LEVEL_WARN = 3
+GGML_LOG_LEVEL_ERROR = 4
+GGML_LOG_LEVEL_CONT = 5
+
+_FALLBACK = re.compile(
+    r"ncols\s+(?P<ncols>\d+) not divisible by (?P<block>\d+) \(required for type\s+(?P<wanted>\w+)\)"
+    r"\s*-> falling back to\s+(?P<used>\w+)"
+)
+
+
+def fallback_summary(log: str) -> str:
+    """One line for llama.cpp's per-tensor "falling back" warnings in ``log``; "" when none.
+
+    Example: ``"180 tensors fell back: q4_K -> q5_0 (150), q6_K -> q8_0 (30); their rows
+    (576) are not a multiple of 256"``.
+    """
+    matches = list(_FALLBACK.finditer(log))
+    if not matches:
+        return ""
+    pairs = collections.Counter(f"{m['wanted']} -> {m['used']}" for m in matches)
+    widths = sorted({int(m["ncols"]) for m in matches})
+    blocks = sorted({int(m["block"]) for m in matches})
+    return (
+        f"{len(matches)} tensors fell back: {', '.join(f'{p} ({n})' for p, n in pairs.most_common())}; "
+        f"their rows ({', '.join(map(str, widths))}) are not a multiple of {', '.join(map(str, blocks))}"
+    )
+
+
+@contextlib.contextmanager
+def _llama_log(echo: bool = False) -> Iterator[list[tuple[int, str]]]:
+    """Collect llama.cpp's log as ``(ggml level, text)`` pairs while inside.
+
+    Continuation pieces (``GGML_LOG_LEVEL_CONT``) take the level of the message they
+    continue. ``echo`` also prints everything to stderr. llama-cpp-python's own handler
+    is put back on exit.
+    """
+    import sys
+
+    import llama_cpp
+    import llama_cpp._logger
+
+    log: list[tuple[int, str]] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if level == GGML_LOG_LEVEL_CONT and log:
+            level = log[-1][0]
+        log.append((level, text.decode("utf-8", errors="replace")))
+        if echo:
+            print(log[-1][1], end="", file=sys.stderr, flush=True)
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield log
+    finally:
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
