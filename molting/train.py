@@ -9,6 +9,7 @@ is prepended to every example; the inference prompt is used at inference.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import resource
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
 from molting.data import BudgetReport, token_budget, with_system_prompt
 from molting.errors import ConfigError
@@ -131,7 +132,7 @@ def train(
         lr_scheduler_type="linear",
         max_length=config.max_length,
         assistant_only_loss=True,
-        gradient_checkpointing=quantization == "4bit",
+        **_checkpointing(quantization == "4bit"),
         bf16=device == "cuda",
         use_cpu=device == "cpu",
         logging_steps=1,
@@ -191,6 +192,17 @@ def _training_tokenizer(model_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = training_template(tokenizer)
     return tokenizer
+
+
+def _checkpointing(enabled: bool) -> dict[str, bool]:
+    """Activation checkpointing on or off, by the name this transformers version takes.
+
+    transformers 5.24 renamed ``gradient_checkpointing`` to ``activation_checkpointing``
+    and warns on the old name; TRL's SFTConfig defaults it to on.
+    """
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: enabled}
 
 
 def _placement(quantization: Quantization) -> tuple[str, str]:

@@ -91,3 +91,17 @@ def test_bad_config_values_are_named():
         TrainConfig(quantization="int3")
     with pytest.raises(ConfigError, match="r must be >= 1"):
         TrainConfig(r=0)
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_checkpointing_switch_is_honoured_without_deprecation_warnings(enabled, tmp_path):
+    import warnings
+
+    from trl import SFTConfig
+
+    from molting.train import _checkpointing
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **_checkpointing(enabled))
+    assert args.gradient_checkpointing is enabled
