@@ -129,6 +129,19 @@ def test_compare_calls_the_phase_8_regression_a_regression(claudio, rubric):
     assert markdown.startswith("**REGRESSION**: phase 8") and "| Quem é o João? |" in markdown
 
 
+def test_compare_names_a_question_that_dropped_even_when_the_mean_holds(claudio, rubric):
+    before = evaluate(FakeBackend(PHASE_7), claudio, rubric, label="fine-tuned")
+    answers = list(PHASE_7)
+    answers[2] = "O CRM da Softtor organiza os contatos."  # loses most of its facts
+    after = evaluate(FakeBackend(answers), claudio, rubric, label="GGUF")
+    comparison = compare(before, after)
+    assert comparison.verdict == "unchanged"
+    ((question, drop),) = comparison.drops
+    assert question == "O CRM da Softtor" and drop <= -3
+    assert f"Worse on: O CRM da Softtor ({drop:+g})." in comparison.to_markdown()
+    assert compare(before, before).drops == []
+
+
 def test_evaluate_uses_the_inference_system_prompt_and_round_trips(claudio, rubric):
     backend = FakeBackend(PHASE_7)
     seen = []

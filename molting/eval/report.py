@@ -13,6 +13,9 @@ from molting.eval.rubric import RubricResult
 
 # A change in the mean score (0-10 per question) smaller than this is noise: one fact more or less.
 THRESHOLD = 0.5
+# A question that loses this many points is named in the comparison whatever the mean says:
+# a wrong-group penalty (-3) or half of a question's facts.
+QUESTION_DROP = 3.0
 # Failures that make a run a regression whatever the mean says.
 CRITICAL_CHECKS = ("leak", "identity")
 
@@ -64,6 +67,8 @@ class Comparison:
         rows: ``(question, before, after)`` scores, questions in ``before``'s order.
         new_failures: ``"question: check"`` for leak/identity checks that passed before
             and fail after; any one makes the verdict a regression.
+        drops: ``(question, delta)`` for questions that lost ``QUESTION_DROP`` points or
+            more; named next to the verdict, which they do not change.
     """
 
     before: RubricResult
@@ -72,6 +77,7 @@ class Comparison:
     delta: float
     rows: list[tuple[str, float, float]]
     new_failures: list[str]
+    drops: list[tuple[str, float]]
 
     def to_markdown(self) -> str:
         """A verdict line and a per-question before/after/Δ table."""
@@ -82,6 +88,8 @@ class Comparison:
         ]
         if self.new_failures:
             lines.append("New critical failures: " + "; ".join(self.new_failures) + ".")
+        if self.drops:
+            lines.append("Worse on: " + "; ".join(f"{q} ({d:+g})" for q, d in self.drops) + ".")
         lines += ["", f"| question | {b.label} | {a.label} | Δ |", "|---|---:|---:|---:|"]
         lines += [f"| {q} | {x:g} | {y:g} | {y - x:+g} |" for q, x, y in self.rows]
         return "\n".join(lines)
@@ -117,4 +125,5 @@ def compare(before: RubricResult, after: RubricResult, threshold: float = THRESH
         verdict = "improvement"
     else:
         verdict = "unchanged"
-    return Comparison(before, after, verdict, delta, rows, new_failures)
+    drops = [(q, y - x) for q, x, y in rows if y - x <= -QUESTION_DROP]
+    return Comparison(before, after, verdict, delta, rows, new_failures, drops)
