@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -189,8 +189,8 @@ def measure_backend(job: Job) -> BackendResult:
     backend = _open_backend(job)
     load_s = time.perf_counter() - start
     try:
-        backend.generate(job.prompts[0], GenerationConfig(max_new_tokens=min(WARMUP_TOKENS, job.max_new_tokens)))
-        config = GenerationConfig(max_new_tokens=job.max_new_tokens)  # greedy, no repetition penalty
+        config = GenerationConfig(max_new_tokens=job.max_new_tokens, repetition_penalty=1.0)  # greedy, no penalty
+        backend.generate(job.prompts[0], replace(config, max_new_tokens=min(WARMUP_TOKENS, job.max_new_tokens)))
         samples = [
             _sample(i, backend.generate(messages, config))
             for _ in range(job.repeats)

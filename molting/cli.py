@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from molting.backends.base import GenerationConfig
 from molting.errors import MoltingError
 
 # The libraries' own tqdm bars would interleave with molting's rich ones.
@@ -166,12 +167,12 @@ def evaluate(
     label: Annotated[str, typer.Option(help="column name in reports")] = None,
     out: Annotated[Path, typer.Option(help="write the result as JSON here")] = None,
     max_new_tokens: MaxNew = 200,
-    repetition_penalty: RepPenalty = 1.3,
+    repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
 ) -> None:
     """Score a model on the persona's rubric by what it generates."""
     import json
 
-    from molting.backends import GenerationConfig, load_backend
+    from molting.backends import load_backend
     from molting.eval import evaluate as run_rubric
     from molting.eval import load_rubric
     from molting.persona import Persona
@@ -228,7 +229,7 @@ def chat(
     message: Annotated[str, typer.Argument(help="one message; omit for an interactive session")] = None,
     model: Annotated[str, typer.Option(help="GGUF file, model/adapter/run directory or embedded name")] = None,
     max_new_tokens: MaxNew = 200,
-    repetition_penalty: RepPenalty = 1.3,
+    repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
 ) -> None:
     """Talk to a persona (default: its latest GGUF in runs/, else the embedded base model)."""
     from molting.backends import load_backend
@@ -265,10 +266,9 @@ def run_all(
     quantization: Quantization = "auto",
     quant: Annotated[str, typer.Option(help="GGUF quantization type")] = "Q4_K_M",
     max_new_tokens: MaxNew = 200,
-    repetition_penalty: RepPenalty = 1.3,
+    repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
 ) -> None:
     """Validate → budget → train → rubric (base, fine-tuned) → GGUF → rubric (llama.cpp) → report."""
-    from molting.backends import GenerationConfig
     from molting.persona import Persona
     from molting.pipeline import RunConfig, run
 

@@ -38,9 +38,7 @@ class RunConfig:
 
     out: Path | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
-    generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=200, repetition_penalty=1.3)
-    )
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     quant: str = "Q4_K_M"
     n_ctx: int = 2048
     keep_f16: bool = False

@@ -8,7 +8,7 @@ from molting.backends.base import Backend, Chunk, GenerationConfig, Message
 
 
 class FakeBackend(Backend):
-    """Answers with ``answers[i]`` on the i-th call, word by word, and records the prompts.
+    """Answers with ``answers[i]`` on the i-th call, word by word, and records the prompts and decoding options.
 
     An answer longer than ``config.max_new_tokens`` words is cut there with
     ``finish_reason="length"``, as a real engine would.
@@ -19,10 +19,12 @@ class FakeBackend(Backend):
     def __init__(self, answers: Sequence[str]):
         self.answers = list(answers)
         self.calls: list[list[Message]] = []
+        self.configs: list[GenerationConfig] = []
 
     def stream(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[Chunk]:
         answer = self.answers[len(self.calls) % len(self.answers)]
         self.calls.append(list(messages))
+        self.configs.append(config)
         words = answer.split(" ")
         kept = words[: config.max_new_tokens]
         for i, word in enumerate(kept, start=1):

@@ -62,3 +62,18 @@ def test_chat_goes_through_the_given_backend(tmp_path):
     persona = Persona.load(make(tmp_path))
     backend = FakeBackend(answers=["Eu sou o Cláudio."])
     assert persona.chat("Quem é você?", model=backend) == "Eu sou o Cláudio."
+    assert backend.calls[0][0] == {"role": "system", "content": persona.system_prompt}
+
+
+def test_chat_decodes_as_the_rubric_does_unless_told_otherwise(tmp_path):
+    """persona.chat answers as `molting run` evaluated: greedy, repetition_penalty 1.3."""
+    from molting.pipeline import RunConfig
+    from tests.fakes import FakeBackend
+
+    persona = Persona.load(make(tmp_path))
+    backend = FakeBackend(answers=["Eu sou o Cláudio."])
+    persona.chat("Quem é você?", model=backend)
+    persona.chat("Quem é você?", model=backend, repetition_penalty=1.0, max_new_tokens=7)
+    assert backend.configs[0] == RunConfig().generation
+    assert (backend.configs[0].temperature, backend.configs[0].repetition_penalty) == (0.0, 1.3)
+    assert (backend.configs[1].repetition_penalty, backend.configs[1].max_new_tokens) == (1.0, 7)

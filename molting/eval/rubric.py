@@ -350,7 +350,7 @@ def evaluate(
         backend: any Backend (transformers, llama.cpp, or a test double).
         persona: supplies the system prompt, the language and the forbidden identities.
         rubric: the questions (``load_rubric``).
-        config: decoding; default ``GenerationConfig()`` (greedy, 200 new tokens).
+        config: decoding; default ``GenerationConfig()`` (greedy, 200 new tokens, repetition_penalty 1.3).
         label: the name of this model in reports.
         progress: called with the 0-based index of each question once it is scored.
     """
