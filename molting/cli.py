@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -287,5 +288,25 @@ def run_all(
     console.print(f"report:  {result.report}\nadapter: {result.adapter}\nGGUF:    {result.gguf}")
 
 
-if __name__ == "__main__":
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``kill``, a job scheduler, a container stop) into SystemExit(143).
+
+    Python's default SIGTERM ends the process at once; as an exception it unwinds, so
+    partial GGUF files, adapters and temporary directories are removed as they are on
+    Ctrl-C. A signal that arrives inside llama.cpp takes effect when that call returns.
+    """
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def main() -> None:
+    """The ``molting`` console script."""
+    exit_on_sigterm()
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -295,3 +295,27 @@ def test_unrecognised_pre_tokenizer_is_refused_not_guessed(tmp_path):
         write_gguf(model_dir, tmp_path / "m.gguf")
     assert not list(tmp_path.glob("*.gguf*"))
     assert write_gguf(model_dir, tmp_path / "m.gguf", tokenizer_pre="gpt-2").is_file()
+
+
+def test_an_interrupt_during_quantization_waits_for_llama_cpp_then_propagates():
+    """Ctrl-C reaches the waiting thread (not a ctypes log callback, which would drop it),
+    and the exception goes on only once the native call has returned."""
+    import os
+    import signal
+    import time
+
+    from molting.export.quantize import _in_worker_thread
+
+    finished = []
+
+    def native_call() -> int:
+        time.sleep(0.1)  # the caller is waiting by now
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)
+        finished.append(True)
+        return 0
+
+    with pytest.raises(KeyboardInterrupt):
+        _in_worker_thread(native_call)
+    assert finished == [True]
+    assert _in_worker_thread(lambda a, b: a + b, 2, 3) == 5

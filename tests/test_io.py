@@ -28,3 +28,23 @@ def test_success_renames_with_umask_permissions(tmp_path):
     assert (tmp_path / "a.gguf").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "adapter" / "f").read_text() == "y"
+
+
+def test_sigterm_unwinds_like_ctrl_c(tmp_path):
+    """Under the CLI, SIGTERM is an exception: the partial file goes, the old one stays."""
+    import signal
+
+    from molting.cli import exit_on_sigterm
+
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"old")
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        exit_on_sigterm()
+        with pytest.raises(SystemExit) as exit_info, atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"] and target.read_bytes() == b"old"

@@ -15,7 +15,8 @@ import contextlib
 import ctypes
 import logging
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from molting.errors import ExportError
@@ -74,8 +75,11 @@ def quantize(
     params.ftype = getattr(llama_cpp, QUANT_TYPES[name])
     params.nthread = n_threads
     with atomic_path(out_path) as tmp, _llama_log(echo=verbose) as log:
-        status = llama_cpp.llama_model_quantize(
-            str(in_path).encode("utf-8"), str(tmp).encode("utf-8"), ctypes.byref(params)
+        status = _in_worker_thread(
+            llama_cpp.llama_model_quantize,
+            str(in_path).encode("utf-8"),
+            str(tmp).encode("utf-8"),
+            ctypes.byref(params),
         )
         if status != 0:
             errors = "".join(text for level, text in log if level == GGML_LOG_LEVEL_ERROR).strip()
@@ -87,6 +91,34 @@ def quantize(
 
 
 logger = logging.getLogger(__name__)
+
+
+def _in_worker_thread(fn: Callable[..., int], *args: object) -> int:
+    """``fn(*args)`` run in a worker thread while this one waits; its return value.
+
+    llama.cpp calls back into Python (its log) while it quantizes. A Ctrl-C or SIGTERM
+    handled inside such a callback raises there, and ctypes drops the exception: the
+    interrupt would be lost. Signals are handled in the main thread only, so here the
+    callbacks never see them and the waiting thread does. llama.cpp cannot be cancelled:
+    on an interrupt the worker is let finish (a second interrupt stops waiting) before
+    the exception goes on to the caller's cleanup.
+    """
+    result: list[int] = []
+    done = threading.Event()  # not Thread.join: an interrupted join() returns at once when called again
+
+    def work() -> None:
+        try:
+            result.append(fn(*args))
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="molting-quantize", daemon=True).start()
+    try:
+        done.wait()
+    except BaseException:
+        done.wait()
+        raise
+    return result[0] if result else -1
 
 # ggml's log levels (ggml/include/ggml.h, enum ggml_log_level). llama-cpp-python 0.3.x maps
 # them with an older enum: its default handler prints warnings as errors and hides errors.
