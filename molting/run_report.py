@@ -47,6 +47,7 @@ def _settings(record, train_config: dict, generation: dict) -> str:
         "num_train_epochs",
         "learning_rate",
         "per_device_train_batch_size",
+        "gradient_accumulation_steps",
         "max_length",
     )
     rows = "\n".join(f"| {k} | {train_config[k]} |" for k in keys)

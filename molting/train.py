@@ -45,6 +45,9 @@ class TrainConfig:
         r, lora_alpha, lora_dropout, target_modules: the LoRA adapter (scale = lora_alpha / r).
         num_train_epochs, learning_rate, per_device_train_batch_size,
         gradient_accumulation_steps, warmup_ratio: the optimizer schedule (AdamW, linear decay).
+            The default batch of 4 is 1 sequence x 4 accumulation steps: on SmolLM2-135M (CPU,
+            8 steps) that gave the same losses at the same speed as 4 x 1, with a peak RSS of
+            2.2 GB instead of 5.4 GB: about 1 GB per sequence in the micro-batch.
         max_length: tokens per training sequence; longer examples are truncated and reported.
         quantization: "auto" (4-bit NF4 on CUDA, none on CPU), "4bit" or "none".
         seed: for the adapter's init and the data order.
@@ -57,8 +60,8 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     num_train_epochs: float = 2.0
     learning_rate: float = 1e-3
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 4
     warmup_ratio: float = 0.05
     max_length: int = 512
     quantization: Quantization = "auto"
@@ -67,7 +70,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "4bit", "none"):
             raise ConfigError(f"quantization {self.quantization!r} not in ('auto', '4bit', 'none')")
-        for name in ("r", "lora_alpha", "max_length", "per_device_train_batch_size"):
+        for name in ("r", "lora_alpha", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 

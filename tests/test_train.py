@@ -60,6 +60,7 @@ def test_a_few_lora_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path):
         base_model=str(tiny_llama_dir),
         num_train_epochs=2,
         per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
         r=4,
         lora_alpha=8,
         learning_rate=1e-2,
