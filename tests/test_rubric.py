@@ -51,6 +51,13 @@ def test_a_complete_answer_scores_ten(rubric, judge):
     assert (score.score, score.reasons) == (10.0, [])
 
 
+def test_roles_swapped_is_a_wrong_statement(rubric, judge):
+    # What a Q4_K_M export of the fine-tuned SmolLM2-135M answered.
+    answer = "O João Figueiredo é uma inteligência artificial e ele ajuda à trabalho com o Molting."
+    score = judge.score(question(rubric, "joao"), answer, "stop")
+    assert not score.checks["wrong"] and score.score <= 5
+
+
 def test_leak_is_an_automatic_zero(rubric, judge):
     answer = "O João Figueiredo é desenvolvedor full-stack e meu parceiro.<|im_end|>\n<|im_start|>user"
     score = judge.score(question(rubric, "joao"), answer, "stop")
