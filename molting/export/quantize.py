@@ -22,6 +22,19 @@ from pathlib import Path
 from molting.errors import ExportError
 from molting.io import atomic_path
 
+logger = logging.getLogger(__name__)
+
+# ggml's log levels (ggml/include/ggml.h, enum ggml_log_level). llama-cpp-python 0.3.x maps
+# them with an older enum: its default handler prints warnings as errors and hides errors.
+GGML_LOG_LEVEL_WARN = 3
+GGML_LOG_LEVEL_ERROR = 4
+GGML_LOG_LEVEL_CONT = 5
+
+_FALLBACK = re.compile(
+    r"ncols\s+(?P<ncols>\d+) not divisible by (?P<block>\d+) \(required for type\s+(?P<wanted>\w+)\)"
+    r"\s*-> falling back to\s+(?P<used>\w+)"
+)
+
 # name -> llama_cpp attribute holding the llama_ftype value
 QUANT_TYPES = {
     "F16": "LLAMA_FTYPE_MOSTLY_F16",
@@ -90,9 +103,6 @@ def quantize(
     return out_path
 
 
-logger = logging.getLogger(__name__)
-
-
 def _in_worker_thread(fn: Callable[..., int], *args: object) -> int:
     """``fn(*args)`` run in a worker thread while this one waits; its return value.
 
@@ -120,22 +130,11 @@ def _in_worker_thread(fn: Callable[..., int], *args: object) -> int:
         raise
     return result[0] if result else -1
 
-# ggml's log levels (ggml/include/ggml.h, enum ggml_log_level). llama-cpp-python 0.3.x maps
-# them with an older enum: its default handler prints warnings as errors and hides errors.
-GGML_LOG_LEVEL_WARN = 3
-GGML_LOG_LEVEL_ERROR = 4
-GGML_LOG_LEVEL_CONT = 5
-
-_FALLBACK = re.compile(
-    r"ncols\s+(?P<ncols>\d+) not divisible by (?P<block>\d+) \(required for type\s+(?P<wanted>\w+)\)"
-    r"\s*-> falling back to\s+(?P<used>\w+)"
-)
-
 
 def fallback_summary(log: str) -> str:
     """One line for llama.cpp's per-tensor "falling back" warnings in ``log``; "" when none.
 
-    Example: ``"180 tensors fell back: q4_K -> q5_0 (150), q6_K -> q8_0 (30); their rows
+    Example: ``"180 tensors fell back: q4_K -> q5_0 (166), q6_K -> q8_0 (14); their rows
     (576) are not a multiple of 256"``.
     """
     matches = list(_FALLBACK.finditer(log))
