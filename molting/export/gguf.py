@@ -78,7 +78,10 @@ def write_gguf(
         raise ExportError(f"unknown outtype {outtype!r}; allowed: {sorted(OUTTYPES)}")
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir}: no config.json (save the model with save_pretrained)")
-    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as exc:  # transformers raises ValueError, KeyError, its own validation errors...
+        raise ExportError(f"{model_dir / 'config.json'}: transformers cannot read it: {exc}") from None
     arch = get_architecture((config.architectures or ["<none>"])[0])
     files = _weight_files(model_dir)
     _check_safetensors(files)
