@@ -245,3 +245,23 @@ def test_a_config_transformers_rejects_names_config_json(tiny_phi3_dir, tmp_path
     with pytest.raises(ExportError, match=r"(?s)m/config.json: .*dynamic"):
         write_gguf(model_dir, tmp_path / "m.gguf")
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_phi3_chat_prompt_tokenizes_like_transformers(tiny_phi3_dir, tmp_path):
+    """A whole Phi-3 conversation, special tokens included, under a persona's name.
+
+    (llama.cpp strips whitespace after special tokens of models whose ``general.name``
+    says phi3, as real Phi-3 tokenizers declare ``rstrip``; this tokenizer does not.)"""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_phi3_dir)
+    messages = [
+        {"role": "system", "content": "Você é o Cláudio."},
+        {"role": "user", "content": "Olá! Quem é você? 😀"},
+        {"role": "assistant", "content": "Sou o Cláudio, de 1999."},
+        {"role": "user", "content": "E agora?"},
+    ]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    path = write_gguf(tiny_phi3_dir, tmp_path / "m.gguf", name="Cláudio")
+    with llama(path, vocab_only=True) as llm:
+        assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == tokenizer(prompt)["input_ids"]
