@@ -175,6 +175,28 @@ def compare_f16(ours: Path, theirs: Path) -> dict:
     return {"tensors": len(a), "converter_tensors": len(b), "identical": len(same)}
 
 
+def markdown(results: dict) -> str:
+    """The results as the table of ``benchmarks/export_phi3.md``."""
+    rows = [
+        ("molting F16 writer", "molting_f16", "molting-f16_bytes"),
+        ("llama.cpp convert_hf_to_gguf.py --outtype f16", "converter_f16", "converter-f16_bytes"),
+        ("molting Q4_K_M (llama_model_quantize)", "molting_q4_k_m", "molting-Q4_K_M_bytes"),
+    ]
+    lines = ["| step | wall time | peak RSS | output bytes |", "|---|---|---|---|"]
+    for label, key, size in rows:
+        if key in results:
+            lines.append(f"| {label} | {results[key]['wall_s']} s | {results[key]['peak_rss_mb']} MB | "
+                         f"{results.get(size, 0):,} |")
+    if "q4_k_m_vs_published" in results:
+        lines.append(f"\nQ4_K_M vs the published {PUBLISHED_Q4_K_M_BYTES:,} bytes: "
+                     f"{100 * results['q4_k_m_vs_published']:+.2f}%.")
+    if "f16_comparison" in results:
+        c = results["f16_comparison"]
+        lines.append(f"F16 files: {c['identical']} of {c['tensors']} tensors identical to the converter's "
+                     f"({c['converter_tensors']} there).")
+    return "\n".join(lines) + "\n"
+
+
 def step(name: str, args: list[str]) -> None:
     """The steps run in their own processes (so each one's peak RSS is its own)."""
     if name == "molting-f16":
@@ -220,6 +242,7 @@ def main() -> None:
         results["load_average_after"] = os.getloadavg()
     finally:
         args.out.write_text(json.dumps(results, indent=2))
+        args.out.with_suffix(".md").write_text(markdown(results))
         print(json.dumps(results, indent=2))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
