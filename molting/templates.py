@@ -26,6 +26,7 @@ CHATML = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# Phi-3-mini-4k-instruct's template; it ends a conversation without a generation prompt with eos_token.
 PHI3 = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
@@ -36,9 +37,10 @@ PHI3 = (
     "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- else %}{{- eos_token }}{%- endif %}"
 )
 
+# TinyLlama-1.1B-Chat's (Zephyr) template: every turn closes with eos_token.
 ZEPHYR = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"

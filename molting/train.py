@@ -32,7 +32,9 @@ from molting.models import resolve_base_model
 from molting.persona import Persona
 from molting.templates import training_template
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Every linear layer of a decoder block: Llama's (SmolLM2, TinyLlama, Qwen2) and Phi-3's fused
+# qkv_proj and gate_up_proj. peft adapts the names a model has and skips the others.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"]
 Quantization = Literal["auto", "4bit", "none"]
 
 

@@ -18,7 +18,8 @@ import torch
 
 from molting.errors import ExportError
 from molting.export import QUANT_TYPES, quantize, write_gguf
-from molting.export.gguf import SYSTEM_PROMPT_KEY, end_of_turn_id, with_system_prompt
+from molting.export.gguf import SYSTEM_PROMPT_KEY, with_system_prompt
+from molting.export.tokenizer import end_of_turn_id
 from tests.conftest import CHATML_TEMPLATE, save_tiny_llama, train_bpe, wrap_tokenizer
 
 # Quotes, a Jinja block end, braces, a backslash, a newline, accents and an emoji.

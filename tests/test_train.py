@@ -106,3 +106,40 @@ def test_checkpointing_switch_is_honoured_without_deprecation_warnings(enabled, 
         warnings.simplefilter("error", FutureWarning)
         args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **_checkpointing(enabled))
     assert args.gradient_checkpointing is enabled
+
+
+SENTENCEPIECE_MODELS = [("tiny_tinyllama_dir", "zephyr", "</s>"), ("tiny_phi3_dir", "phi3", "<|end|>")]
+
+
+@pytest.mark.parametrize(("model", "family", "end"), SENTENCEPIECE_MODELS)
+def test_training_template_of_tinyllama_and_phi3(request, model, family, end):
+    """TinyLlama's Zephyr and Phi-3's own templates get molting's marked ones, which render
+    them token for token and mark the answers with the token that ends them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(model))
+    assert template_family(tokenizer.chat_template) == family
+    out = tokenizer.apply_chat_template(
+        PROBE, chat_template=training_template(tokenizer), tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    learned = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    assert tokenizer.decode(learned) == f"Oi! Tudo bem.{end}Agora, isto.{end}"
+
+
+@pytest.mark.parametrize("model", ["tiny_tinyllama_dir", "tiny_phi3_dir"])
+def test_a_few_lora_steps_on_tinyllama_and_phi3_shapes(request, tmp_path, model):
+    from safetensors import safe_open
+
+    config = TrainConfig(
+        base_model=str(request.getfixturevalue(model)), num_train_epochs=2, per_device_train_batch_size=2,
+        gradient_accumulation_steps=1, r=4, lora_alpha=8, learning_rate=1e-2,
+    )
+    record = train(tiny_persona(tmp_path), tmp_path / "run", config)
+    assert [entry["step"] for entry in record.loss] == [1, 2, 3, 4, 5, 6]
+    assert record.loss[-1]["loss"] < record.loss[0]["loss"]
+    with safe_open(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+        adapted = {key.split(".")[-3] for key in f.keys()}  # noqa: SIM118
+    fused = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}  # Phi-3's four linear layers per block
+    assert adapted == (fused if "phi3" in model else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"})

@@ -24,24 +24,14 @@ import numpy as np
 
 from molting.errors import ExportError
 from molting.export.architectures import Architecture, get_architecture
+from molting.export.tokenizer import add_tokenizer, tokenizer_kind
 from molting.io import atomic_path
-from molting.models import SOURCE_FILE
 
 OUTTYPES = {
     "f32": (np.float32, gguf.LlamaFileType.ALL_F32),
     "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
 }
 SYSTEM_PROMPT_KEY = "molting.system_prompt"
-# Tokens that close a turn in common chat templates; llama.cpp stops at EOS.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
-# tokenizers pre-tokenizer pipelines whose splitting llama.cpp implements under a
-# ``tokenizer.ggml.pre`` name (llama.cpp's src/llama-vocab.cpp): ByteLevel with its regex
-# is GPT-2's pattern (``gpt-2``); Digits(individual_digits) before it adds llama.cpp's
-# ``\p{N}`` split (``smollm``). ``default`` is neither: it also splits punctuation runs and digits in threes.
-PRE_TOKENIZERS = {
-    (("ByteLevel", True, False),): "gpt-2",
-    (("Digits", True), ("ByteLevel", True, False)): "smollm",
-}
 
 Progress = Callable[[int, int], None]
 
@@ -67,7 +57,8 @@ def write_gguf(
         chat_template: Jinja chat template; default: the tokenizer's.
         tokenizer_pre: llama.cpp pre-tokenizer name (``tokenizer.ggml.pre``); default:
             ``molting_source.json`` in ``model_dir``, else recognised from the
-            tokenizer's pre-tokenizer (``PRE_TOKENIZERS``), else an ExportError.
+            tokenizer's pre-tokenizer (``molting.export.tokenizer.PRE_TOKENIZERS``),
+            else an ExportError; ``"default"`` for a SentencePiece tokenizer.
         outtype: ``"f16"`` or ``"f32"`` for matrices; 1-D tensors (norms) stay F32.
         name: ``general.name``; default: the directory name.
         progress: called as ``progress(done, total)`` after each tensor is written.
@@ -76,8 +67,9 @@ def write_gguf(
         ``out_path`` as a Path.
 
     Raises:
-        ExportError: unknown ``outtype`` or architecture, no weights, no chat template,
-            or a tokenizer that is not byte-level BPE.
+        ExportError: unknown ``outtype``, architecture or RoPE type; no weights or a
+            corrupt safetensors file; no chat template; no tokenizer file, or a
+            SentencePiece tokenizer without its ``tokenizer.model``. Each names the file.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -86,9 +78,14 @@ def write_gguf(
         raise ExportError(f"unknown outtype {outtype!r}; allowed: {sorted(OUTTYPES)}")
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir}: no config.json (save the model with save_pretrained)")
-    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as exc:  # transformers raises ValueError, KeyError, its own validation errors...
+        raise ExportError(f"{model_dir / 'config.json'}: transformers cannot read it: {exc}") from None
     arch = get_architecture((config.architectures or ["<none>"])[0])
     files = _weight_files(model_dir)
+    _check_safetensors(files)
+    tokenizer_kind(model_dir)  # names a missing tokenizer file before transformers meets it
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = chat_template or tokenizer.chat_template
     if not template:
@@ -99,9 +96,9 @@ def write_gguf(
         try:
             _add_general(writer, name or model_dir.name, file_type, system_prompt)
             arch.set_params(writer, config)
-            _add_tokenizer(writer, tokenizer, model_dir, config.vocab_size, tokenizer_pre, template)
+            add_tokenizer(writer, tokenizer, model_dir, config.vocab_size, tokenizer_pre, template)
             writer.add_chat_template(with_system_prompt(template, system_prompt))
-            _write_tensors(writer, lambda: _converted(arch, files, config, dtype), progress)
+            _write_tensors(writer, lambda: _all_tensors(arch, files, config, dtype), progress)
         finally:
             writer.close()
     return out_path
@@ -141,6 +138,24 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def _check_safetensors(files: list[Path]) -> None:
+    """Read every file's safetensors header, so a missing or corrupt file fails before any output.
+
+    Raises:
+        ExportError: a file is missing, or its header cannot be read (garbage, truncated).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        if not path.is_file():
+            raise ExportError(f"{path}: missing (named by the model's safetensors index)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as exc:
+            raise ExportError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
     """``(hf_name, float32 array)`` for every tensor, one tensor loaded at a time."""
     import torch
@@ -150,6 +165,13 @@ def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 yield key, f.get_tensor(key).to(torch.float32).numpy()
+
+
+def _all_tensors(arch: Architecture, files: list[Path], config: Any, dtype: type) -> Iterator[tuple[str, np.ndarray]]:
+    """The converted weights, then the architecture's tensors made from the config (F32)."""
+    yield from _converted(arch, files, config, dtype)
+    for name, array in arch.extra_tensors(config):
+        yield name, np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _converted(arch: Architecture, files: list[Path], config: Any, dtype: type) -> Iterator[tuple[str, np.ndarray]]:
@@ -195,152 +217,3 @@ def _add_general(writer: gguf.GGUFWriter, name: str, file_type: int, system_prom
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if system_prompt:
         writer.add_string(SYSTEM_PROMPT_KEY, system_prompt)
-
-
-def _add_tokenizer(
-    writer: gguf.GGUFWriter, tokenizer: Any, model_dir: Path, n_vocab: int, pre: str | None, template: str
-) -> None:
-    """``tokenizer.ggml.*`` keys of a byte-level BPE tokenizer (llama.cpp's ``gpt2`` model).
-
-    Args:
-        tokenizer: a transformers fast tokenizer.
-        model_dir: where its ``tokenizer.json`` (merges) and generation config live.
-        n_vocab: the model's ``vocab_size``, at least the tokenizer's; ids without a
-            token are written as unused ``[PAD<id>]`` tokens.
-        pre: explicit ``tokenizer.ggml.pre``, or None to resolve it.
-        template: the chat template, which names the end-of-turn token (EOS).
-
-    Raises:
-        ExportError: not byte-level BPE, no merges, or more tokens than ``n_vocab``.
-    """
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    is_byte_level = "ByteLevel" in json.dumps([backend.get("pre_tokenizer"), backend.get("decoder")])
-    if backend["model"]["type"] != "BPE" or not is_byte_level:
-        raise ExportError(
-            f"{model_dir}: only byte-level BPE tokenizers can be exported (GGUF tokenizer model "
-            f"'gpt2'); this one is {backend['model']['type']}"
-        )
-    tokens, types = _vocab(tokenizer, n_vocab)
-    merges = gguf.SpecialVocab(model_dir, load_merges=True, special_token_types=()).merges
-    if not merges:
-        raise ExportError(f"{model_dir}: no BPE merges in tokenizer.json or merges.txt")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre or _tokenizer_pre(model_dir, backend.get("pre_tokenizer")))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    _add_special_ids(writer, tokenizer, model_dir, template)
-
-
-def _vocab(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int]]:
-    """Token strings and ``gguf.TokenType`` values for ids ``0 .. n_vocab-1``.
-
-    Added special tokens are CONTROL, other added tokens USER_DEFINED (llama.cpp
-    matches those as raw text before BPE), the rest NORMAL.
-    """
-    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
-    if max(by_id) >= n_vocab:
-        raise ExportError(f"the tokenizer has token id {max(by_id)} but the model's vocab_size is {n_vocab}")
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        elif i in by_id:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-        else:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-    return tokens, types
-
-
-def _tokenizer_pre(model_dir: Path, pre_tokenizer: dict | None) -> str:
-    """``tokenizer.ggml.pre``: ``molting_source.json``'s, else recognised from ``PRE_TOKENIZERS``.
-
-    Raises:
-        ExportError: a pre-tokenizer molting does not recognise. Guessing would make
-            llama.cpp split text differently from transformers, silently.
-    """
-    source = model_dir / SOURCE_FILE
-    if source.is_file():
-        recorded = json.loads(source.read_text()).get("tokenizer_pre")
-        if recorded:
-            return recorded
-    signature = _pre_signature(pre_tokenizer)
-    if signature not in PRE_TOKENIZERS:
-        raise ExportError(
-            f"{model_dir}: unrecognised pre-tokenizer {signature}; pass tokenizer_pre= with llama.cpp's "
-            "name for it (tokenizer.ggml.pre in src/llama-vocab.cpp, e.g. 'llama-bpe', 'qwen2')"
-        )
-    return PRE_TOKENIZERS[signature]
-
-
-def _pre_signature(pre_tokenizer: dict | None) -> tuple:
-    """The splitting-relevant fields of a tokenizers pre-tokenizer pipeline, as a tuple."""
-    if not pre_tokenizer:
-        return ()
-    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer])
-    signature = []
-    for step in steps:
-        if step["type"] == "ByteLevel":
-            signature.append(("ByteLevel", step.get("use_regex", True), step.get("add_prefix_space", False)))
-        elif step["type"] == "Digits":
-            signature.append(("Digits", step.get("individual_digits", False)))
-        else:
-            signature.append((step["type"],))
-    return tuple(signature)
-
-
-def _add_special_ids(writer: gguf.GGUFWriter, tokenizer: Any, model_dir: Path, template: str) -> None:
-    """BOS/EOS/PAD/UNK ids and ``add_bos_token``/``add_eos_token``.
-
-    EOS is the end-of-turn token (see ``end_of_turn_id``) so llama.cpp stops by itself
-    after an answer. A tokenizer without BOS gets EOS as BOS; it is never added.
-    """
-    eos = end_of_turn_id(tokenizer, template, model_dir)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    probe = tokenizer("a")["input_ids"]
-    writer.add_bos_token_id(bos)
-    writer.add_eos_token_id(eos)
-    if tokenizer.pad_token_id is not None:
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-    if tokenizer.unk_token_id is not None:
-        writer.add_unk_token_id(tokenizer.unk_token_id)
-    writer.add_add_bos_token(tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id)
-
-
-def end_of_turn_id(tokenizer: Any, template: str, model_dir: Path) -> int:
-    """The id of the token that ends an assistant turn in ``template``.
-
-    Candidates, in order: the tokenizer's EOS, ``generation_config.json``'s
-    ``eos_token_id`` (int or list), then known end-of-turn tokens
-    (``END_OF_TURN_TOKENS``); the first whose text appears in the template wins
-    (``<|im_end|>`` for ChatML). Templates that only say ``eos_token`` get the
-    tokenizer's EOS.
-
-    Raises:
-        ExportError: no candidate at all.
-    """
-    candidates = [tokenizer.eos_token_id, *_generation_eos(model_dir)]
-    vocab = tokenizer.get_vocab()
-    candidates += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
-    for token_id in candidates:
-        if token_id is not None and tokenizer.convert_ids_to_tokens(token_id) in template:
-            return token_id
-    if tokenizer.eos_token_id is None:
-        raise ExportError(f"{model_dir}: the tokenizer has no eos_token and the template no end-of-turn token")
-    return tokenizer.eos_token_id
-
-
-def _generation_eos(model_dir: Path) -> list[int]:
-    """``eos_token_id`` of ``generation_config.json`` as a list (empty when absent)."""
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return []
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    if eos is None:
-        return []
-    return list(eos) if isinstance(eos, list) else [eos]

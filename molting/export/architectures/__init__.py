@@ -5,7 +5,10 @@ An architecture is a small flat class (see ``llama.py``) with:
 - ``gguf_arch``: a ``gguf.MODEL_ARCH`` member, the ``general.architecture`` it writes;
 - ``set_params(writer, config)``: the architecture's hyperparameter keys;
 - ``tensors(state, config)``: a generator of ``(gguf_name, np.ndarray)`` pairs from
-  ``(hf_name, np.ndarray)`` pairs.
+  ``(hf_name, np.ndarray)`` pairs, exactly one output per input weight it keeps (fused
+  projections stay fused), so the same mapping names LoRA matrices;
+- ``extra_tensors(config)``: tensors made from the config rather than the weights
+  (Phi-3's long/short RoPE factors), written after the weights; usually none.
 
 Adding an architecture is one new file with ``@register("XForCausalLM")`` on its class
 and one import line at the bottom of this module.
@@ -29,6 +32,8 @@ class Architecture(Protocol):
     def set_params(self, writer: Any, config: Any) -> None: ...
 
     def tensors(self, state: Iterable[tuple[str, np.ndarray]], config: Any) -> Iterator[tuple[str, np.ndarray]]: ...
+
+    def extra_tensors(self, config: Any) -> Iterator[tuple[str, np.ndarray]]: ...
 
 
 _REGISTRY: dict[str, type] = {}
@@ -69,4 +74,4 @@ def get_architecture(hf_name: str) -> Architecture:
 
 
 # One import per architecture module; importing it registers it.
-from molting.export.architectures import llama  # noqa: E402, F401
+from molting.export.architectures import llama, phi3, qwen2  # noqa: E402, F401

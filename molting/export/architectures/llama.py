@@ -118,3 +118,7 @@ class Llama:
             if kind in _PERMUTED:
                 array = permute_qk(array, getattr(config, _PERMUTED[kind]))
             yield gguf_name, array
+
+    def extra_tensors(self, config: Any) -> Iterator[tuple[str, np.ndarray]]:
+        """None: everything ``llama`` needs is in the weights and the keys."""
+        return iter(())
