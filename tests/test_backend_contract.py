@@ -4,6 +4,8 @@ transformers reads the model directory, llama.cpp a F32 GGUF written from it by
 molting's writer; each test holds for both.
 """
 
+from pathlib import Path
+
 import pytest
 
 from molting.backends import Chunk, GenerationConfig, load_backend
@@ -136,3 +138,24 @@ def test_stop_at(texts, stop, expected, reason):
     assert out[-1].finish_reason == reason
     assert all(c.finish_reason is None for c in out[:-1])
     assert closed == [True]
+
+
+def test_cli_chat_prints_the_answer_as_it_streams(tiny_gguf, monkeypatch):
+    from typer.testing import CliRunner
+
+    from molting import cli
+    from molting.persona import Persona
+
+    persona_dir = Path(__file__).resolve().parents[1] / "examples" / "claudio"
+    pieces = []
+    print_ = cli.console.print
+    monkeypatch.setattr(cli.console, "print", lambda *a, **k: (pieces.append(a), print_(*a, **k)))
+    args = ["chat", str(persona_dir), "Quem é você?", "--model", str(tiny_gguf), "--max-new-tokens", "12"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    persona = Persona.load(persona_dir)
+    backend = load_backend(tiny_gguf)
+    expected = backend.generate(persona.messages("Quem é você?"), GenerationConfig(max_new_tokens=12)).text
+    backend.close()
+    assert result.stdout.strip() == f"{persona.name}> {expected}"
+    assert len(pieces) >= 4  # the name, at least two pieces of the answer, the newline
