@@ -37,7 +37,7 @@ def load_backend(model: str | Path, **options) -> Backend:
     if path.suffix == ".gguf" or _has_gguf_magic(path):
         return _llamacpp(path, **options)
     if not path.exists():
-        raise ModelFileError(path, "no such file or directory")
+        raise ModelFileError(path, f"no such file or directory, nor an embedded model ({', '.join(sorted(EMBEDDED))})")
     if (path / "adapter_config.json").is_file():
         return _transformers(_adapter_base(path), adapter=path, **options)
     if (path / "config.json").is_file():

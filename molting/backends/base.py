@@ -211,7 +211,9 @@ class Backend(abc.ABC):
         """Yield chunks of the assistant's answer to ``messages``.
 
         The chat template is applied by the engine; the yielded text never holds
-        template tokens. The last chunk carries ``finish_reason``.
+        template tokens. The last chunk carries ``finish_reason``. An engine honours
+        ``config.stop`` by passing its chunks through :func:`stop_at`, and stops
+        generating when the returned iterator is closed early.
         """
 
     def generate(self, messages: Sequence[Message], config: GenerationConfig | None = None, **options) -> Response:
