@@ -134,7 +134,7 @@ def _tensors(model_dir: Path):
     else:
         files = [p.name for p in sorted(model_dir.glob("*.safetensors"))]
     if not files:
-        raise ConfigError(f"{model_dir}: the NF4 loader reads safetensors only; no *.safetensors here")
+        raise ConfigError(f"{model_dir}: the NF4 loader reads safetensors only; use loader='transformers'")
     for file in files:
         with safe_open(model_dir / file, framework="pt", device="cpu") as weights:
             for name in weights.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
