@@ -159,3 +159,18 @@ def test_cli_chat_prints_the_answer_as_it_streams(tiny_gguf, monkeypatch):
     backend.close()
     assert result.stdout.strip() == f"{persona.name}> {expected}"
     assert len(pieces) >= 4  # the name, at least two pieces of the answer, the newline
+
+
+@pytest.mark.gpu
+def test_vram_reported_and_released_on_cuda(wide_llama):
+    """Not run here (no GPU): torch's allocator figures through memory(), before and after close()."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    paths, weights_mib = wide_llama
+    backend = load_backend(paths["transformers"], device="cuda")
+    backend.generate(MESSAGES, GenerationConfig(max_new_tokens=4))
+    loaded = backend.memory()
+    assert loaded.vram_mib > 0.9 * weights_mib and loaded.peak_vram_mib >= loaded.vram_mib
+    backend.close()
+    assert backend.memory().vram_mib < loaded.vram_mib - 0.9 * weights_mib
