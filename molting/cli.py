@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from molting.backends.base import GenerationConfig
 from molting.errors import MoltingError
@@ -20,8 +22,30 @@ from molting.errors import MoltingError
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
-app = typer.Typer(help="AI personality portability: persona → LoRA → rubric → GGUF.", no_args_is_help=True)
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def print_error(exc: MoltingError) -> None:
+    """Show ``exc`` as one line on stderr: ``error: <message>``, the message's lines joined by "; "."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    err_console.print(Text.assemble(("error: ", "bold red"), "; ".join(lines) or type(exc).__name__))
+
+
+class Commands(TyperGroup):
+    """molting's commands: a MoltingError raised by any of them is one line and exit code 2, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MoltingError as exc:
+            print_error(exc)
+            raise typer.Exit(code=2) from None
+
+
+app = typer.Typer(
+    cls=Commands, help="AI personality portability: persona → LoRA → rubric → GGUF.", no_args_is_help=True
+)
 
 PersonaDir = Annotated[Path, typer.Argument(help="persona directory (persona.yaml, dataset.jsonl, rubric.yaml)")]
 Base = Annotated[str, typer.Option("--base", help="embedded model name or local model directory")]
@@ -102,7 +126,7 @@ def _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization):
 
 
 def _fail(exc: MoltingError) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    print_error(exc)
     raise typer.Exit(code=2)
 
 
@@ -231,27 +255,53 @@ def chat(
     model: Annotated[str, typer.Option(help="GGUF file, model/adapter/run directory or embedded name")] = None,
     max_new_tokens: MaxNew = 200,
     repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
+    temperature: Annotated[float, typer.Option(help="0 is greedy")] = GenerationConfig.temperature,
+    top_k: Annotated[int, typer.Option(help="sample among the k likeliest tokens; 0 disables")] = 0,
+    top_p: Annotated[float, typer.Option(help="nucleus-sampling mass")] = GenerationConfig.top_p,
+    stop: Annotated[list[str], typer.Option(help="end the answer at this string (repeatable)")] = None,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = GenerationConfig.seed,
 ) -> None:
-    """Talk to a persona (default: its latest GGUF in runs/, else the embedded base model)."""
+    """Talk to a persona, the answer printed as it is generated (default model: its latest GGUF in runs/)."""
     from molting.backends import load_backend
     from molting.persona import Persona
 
-    try:
-        persona = Persona.load(persona_dir)
-        backend = load_backend(model or persona.default_model())
-    except MoltingError as exc:
-        _fail(exc)
-    options = dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    persona = Persona.load(persona_dir)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        stop=tuple(stop or ()),
+        seed=seed,
+    )
+    backend = load_backend(model or persona.default_model())
     history: list[dict] = []
-    while True:
-        text = message if message is not None else console.input("[bold]você> ")
-        if not text or text in ("/exit", "/quit"):
-            return
-        answer = persona.chat(text, model=backend, history=history, **options)
-        console.print(f"[bold]{persona.name}>[/] {answer}")
-        if message is not None:
-            return
-        history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+    try:
+        while True:
+            text = message if message is not None else console.input("[bold]você> ")
+            if not text or text in ("/exit", "/quit"):
+                return
+            console.print(f"[bold]{persona.name}>[/] ", end="")
+            answer = _print_stream(backend.stream(persona.messages(text, history), config))
+            if message is not None:
+                return
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+    finally:
+        backend.close()
+
+
+def _print_stream(chunks) -> str:
+    """Print each chunk's text as it arrives (leading whitespace dropped, as ``generate`` strips); return the text."""
+    parts: list[str] = []
+    for chunk in chunks:
+        piece = chunk.text if parts else chunk.text.lstrip()
+        if piece:
+            parts.append(piece)
+            console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+            console.file.flush()
+    console.print()
+    return "".join(parts).strip()
 
 
 @app.command(name="run")

@@ -36,3 +36,16 @@ class ConfigError(MoltingError):
 
 class ExportError(MoltingError):
     """A model cannot be merged, converted or quantized."""
+
+
+class ModelFileError(MoltingError):
+    """A model file or directory cannot be used: missing, truncated, corrupt or without weights.
+
+    Args:
+        path: the file or directory.
+        problem: what is wrong with it, in a few words.
+    """
+
+    def __init__(self, path: Path | str, problem: str):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{self.path}: {problem}")

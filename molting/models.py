@@ -54,10 +54,14 @@ def resolve_base_model(name_or_path: str | Path) -> Path:
             ``config.json`` and safetensors weights.
 
     Raises:
+        ModelFileError: a directory with config.json but no weights, or truncated ones.
         ConfigError: neither an embedded name nor a model directory.
     """
+    from molting.modelfiles import check_model_dir
+
     path = Path(name_or_path)
     if (path / "config.json").is_file():
+        check_model_dir(path)
         return path
     if str(name_or_path) not in EMBEDDED:
         raise ConfigError(

@@ -2,7 +2,7 @@ import pytest
 
 from molting.backends import GenerationConfig, load_backend
 from molting.backends.transformers import TransformersBackend
-from molting.errors import ConfigError
+from molting.errors import ConfigError, ModelFileError
 
 MESSAGES = [{"role": "system", "content": "Você é o Cláudio."}, {"role": "user", "content": "Quem é você?"}]
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
@@ -92,13 +92,17 @@ def test_invalid_options_and_messages(hf):
         GenerationConfig(top_p=0)
     with pytest.raises(ConfigError, match=r"messages\[0\].role"):
         hf.chat([{"role": "bot", "content": "x"}])
-    with pytest.raises(ConfigError, match="needs CUDA"):
-        TransformersBackend("unused", dtype="4bit", device="cpu")
+    with pytest.raises(ConfigError, match="top_k"):
+        GenerationConfig(top_k=-1)
+    with pytest.raises(ConfigError, match="stop"):
+        GenerationConfig(stop=("",))
+    with pytest.raises(ConfigError, match="loader"):
+        TransformersBackend("unused", dtype="4bit", loader="mine")
 
 
 def test_load_backend_dispatch(tiny_llama_dir, tmp_path):
     assert load_backend(tiny_llama_dir).name == "transformers"
     with pytest.raises(ConfigError, match="not a .gguf file"):
         load_backend(tmp_path)
-    with pytest.raises(ConfigError, match="GGUF file not found"):
+    with pytest.raises(ModelFileError, match="missing.gguf: file not found"):
         load_backend(tmp_path / "missing.gguf")

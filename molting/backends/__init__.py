@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from molting.backends.base import Backend, Chunk, GenerationConfig, Message, Response
-from molting.errors import ConfigError
+from molting.backends.base import Backend, Chunk, GenerationConfig, Memory, Message, Response
+from molting.errors import ConfigError, ModelFileError
 
-__all__ = ["Backend", "Chunk", "GenerationConfig", "Message", "Response", "load_backend"]
+__all__ = ["Backend", "Chunk", "GenerationConfig", "Memory", "Message", "Response", "load_backend"]
 
 
 def load_backend(model: str | Path, **options) -> Backend:
@@ -25,6 +25,8 @@ def load_backend(model: str | Path, **options) -> Backend:
         **options: passed to the engine's constructor (``n_ctx``, ``dtype``, ...).
 
     Raises:
+        ModelFileError: ``model`` is missing, or a file or directory that cannot be used
+            (truncated or corrupt GGUF, wrong magic, no weights; see molting.modelfiles).
         ConfigError: nothing usable at ``model``.
     """
     from molting.models import EMBEDDED, embedded_gguf
@@ -32,8 +34,10 @@ def load_backend(model: str | Path, **options) -> Backend:
     if str(model) in EMBEDDED:
         return _llamacpp(embedded_gguf(str(model)), **options)
     path = Path(model)
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" or _has_gguf_magic(path):
         return _llamacpp(path, **options)
+    if not path.exists():
+        raise ModelFileError(path, f"no such file or directory, nor an embedded model ({', '.join(sorted(EMBEDDED))})")
     if (path / "adapter_config.json").is_file():
         return _transformers(_adapter_base(path), adapter=path, **options)
     if (path / "config.json").is_file():
@@ -45,6 +49,15 @@ def load_backend(model: str | Path, **options) -> Backend:
         f"{model}: not a .gguf file, model directory, adapter directory, run directory "
         f"or embedded model ({sorted(EMBEDDED)})"
     )
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    from molting.modelfiles import GGUF_MAGIC
+
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
 
 
 def _llamacpp(path: Path, **options) -> Backend:

@@ -9,9 +9,11 @@ on it once, here, so that every engine means the same thing by the same options.
 from __future__ import annotations
 
 import abc
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 from molting.errors import ConfigError
@@ -36,6 +38,15 @@ class GenerationConfig:
             research log's setting and the one molting's rubric evaluates with, so that
             ``Persona.chat`` answers as the evaluated model did.
         seed: RNG seed for sampling, so that runs repeat.
+        top_k: sample among the ``top_k`` most likely tokens; 0 disables it (llama.cpp's
+            meaning; transformers' own default of 50 is not used). ``top_k=1`` is greedy.
+        stop: strings that end the answer; the first one generated is cut off with
+            everything after it, and the finish reason is "stop" (OpenAI's and llama.cpp
+            server's semantics). Matched on the decoded text, so a stop string may span tokens.
+
+    Where the engines differ: llama.cpp applies ``top_p`` before the temperature and
+    transformers after it, so with ``temperature != 1`` the two sample from slightly
+    different nuclei. Greedy decoding, ``top_k`` and the repetition penalty agree.
     """
 
     max_new_tokens: int = 200
@@ -43,6 +54,8 @@ class GenerationConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.3
     seed: int = 0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -53,6 +66,12 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ConfigError(f"stop must hold non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,23 @@ class Chunk:
     prompt_tokens: int
     generated_tokens: int
     finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Memory in use, in MiB (2**20 bytes).
+
+    Attributes:
+        rss_mib: resident set size of the whole process now (Linux ``VmRSS``).
+        peak_rss_mib: the process's highest RSS so far (``VmHWM``; ``ru_maxrss`` off Linux).
+        vram_mib: GPU memory the backend holds now; None when it uses no GPU.
+        peak_vram_mib: the backend's highest GPU memory since it was created; None without a GPU.
+    """
+
+    rss_mib: float
+    peak_rss_mib: float
+    vram_mib: float | None = None
+    peak_vram_mib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -104,8 +140,69 @@ def validate_messages(messages: Sequence[Message]) -> None:
             raise ConfigError(f"messages[{i}].content must be a string")
 
 
+def stop_at(chunks: Iterator[Chunk], stop: Sequence[str]) -> Iterator[Chunk]:
+    """Pass ``chunks`` through, ending at the first stop string (which is not yielded).
+
+    Text that could be the beginning of a stop string is held back until the next chunk
+    tells; on a match the last chunk carries the text before it and ``finish_reason``
+    "stop", and ``chunks`` is closed, so that the engine stops generating.
+
+    Args:
+        chunks: an engine's stream.
+        stop: the stop strings (GenerationConfig.stop); empty passes everything through.
+    """
+    if not stop:
+        yield from chunks
+        return
+    held = ""
+    try:
+        for chunk in chunks:
+            held += chunk.text
+            found = [i for i in (held.find(s) for s in stop) if i >= 0]
+            if found:
+                yield replace(chunk, text=held[: min(found)], finish_reason="stop")
+                return
+            keep = 0 if chunk.finish_reason else _partial_stop(held, stop)
+            yield replace(chunk, text=held[: len(held) - keep])
+            held = held[len(held) - keep :]
+    finally:
+        if hasattr(chunks, "close"):
+            chunks.close()
+
+
+def _partial_stop(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins some stop string."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-n:]):
+                longest = n
+                break
+    return longest
+
+
+def process_memory() -> tuple[float, float]:
+    """This process's resident set size now and at its peak, in MiB.
+
+    Linux's ``/proc/self/status`` (VmRSS, VmHWM); elsewhere ``ru_maxrss`` for both.
+    """
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+        return peak, peak
+
+
 class Backend(abc.ABC):
-    """An inference engine. Subclasses implement :meth:`stream` only."""
+    """An inference engine. Subclasses implement :meth:`stream`; the rest is optional.
+
+    Besides :meth:`stream`, an engine may give :meth:`count_tokens` (with its own
+    tokenizer), :meth:`vram` (its GPU memory) and :meth:`close`.
+    """
 
     name: str = "backend"
 
@@ -114,7 +211,9 @@ class Backend(abc.ABC):
         """Yield chunks of the assistant's answer to ``messages``.
 
         The chat template is applied by the engine; the yielded text never holds
-        template tokens. The last chunk carries ``finish_reason``.
+        template tokens. The last chunk carries ``finish_reason``. An engine honours
+        ``config.stop`` by passing its chunks through :func:`stop_at`, and stops
+        generating when the returned iterator is closed early.
         """
 
     def generate(self, messages: Sequence[Message], config: GenerationConfig | None = None, **options) -> Response:
@@ -148,10 +247,43 @@ class Backend(abc.ABC):
         top_p: float = GenerationConfig.top_p,
         repetition_penalty: float = GenerationConfig.repetition_penalty,
         seed: int = GenerationConfig.seed,
+        top_k: int = GenerationConfig.top_k,
+        stop: Sequence[str] = GenerationConfig.stop,
     ) -> str:
         """Answer ``messages`` and return the text only. Options as in GenerationConfig."""
-        config = GenerationConfig(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            top_k=top_k,
+            stop=tuple(stop),
+        )
         return self.generate(messages, config).text
 
+    def count_tokens(self, text: str | Sequence[Message]) -> int:
+        """Tokens in ``text`` with the model's own tokenizer.
+
+        Args:
+            text: a string (its tokens alone: no chat template, no BOS), or messages
+                (the prompt :meth:`stream` would send: chat template, generation prompt
+                and BOS where the model adds one; equal to ``Chunk.prompt_tokens``).
+
+        Raises:
+            NotImplementedError: the engine has no tokenizer of its own.
+        """
+        raise NotImplementedError(f"{self.name} does not count tokens")
+
+    def vram(self) -> tuple[float, float] | None:
+        """GPU memory this backend holds now and at its peak, in MiB; None when it uses no GPU."""
+        return None
+
+    def memory(self) -> Memory:
+        """The process's RSS and the backend's GPU memory, now and at their peaks (see :class:`Memory`)."""
+        rss, peak_rss = process_memory()
+        vram = self.vram()
+        return Memory(rss, peak_rss, *(vram or (None, None)))
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
-        """Free the engine's memory. Idempotent."""
+        """Free the engine's memory, so that :meth:`memory` falls back. Idempotent."""

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import queue
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from molting.backends.base import Backend, Chunk, GenerationConfig, Message
+from molting.backends.base import Backend, Chunk, GenerationConfig, Message, stop_at
 from molting.errors import ConfigError
+from molting.modelfiles import check_adapter_dir
 from molting.models import resolve_base_model
 
 DType = Literal["fp32", "bf16", "4bit"]
 DTYPES = ("fp32", "bf16", "4bit")
+Loader = Literal["molting", "transformers"]
+LOADERS = ("molting", "transformers")
 # Tokens that llama.cpp ends generation at by their text, besides EOS (its
 # src/llama-vocab.cpp); stopping at the same ones keeps both engines' answers alike.
 END_OF_GENERATION_TOKENS = (
@@ -42,12 +49,26 @@ class TransformersBackend(Backend):
     Args:
         model: embedded name or local model directory (see molting.models.resolve_base_model).
         adapter: optional peft adapter directory, applied on top of ``model``.
-        dtype: "fp32", "bf16" or "4bit" (bitsandbytes NF4; CUDA only).
+        dtype: "fp32", "bf16" or "4bit" (bitsandbytes NF4, double-quantized, bf16 compute;
+            CUDA, or CPU with bitsandbytes 0.50's CPU backend).
         merge: fold the adapter into the weights (faster decode; not with "4bit").
         device: "cpu" or "cuda"; default cuda when available.
+        loader: for "4bit" only: "molting" quantizes tensor by tensor as it reads them
+            (molting.backends.nf4, peak memory near the 4-bit footprint on every
+            transformers version); "transformers" is ``from_pretrained`` with a
+            BitsAndBytesConfig, for architectures whose checkpoints need transformers'
+            own weight conversions, and for comparing the two.
+
+    Where it differs from llama.cpp: the chat template is the tokenizer's
+    (``tokenizer_config.json``), not the GGUF's; memory grows while generating (the KV
+    cache is allocated as the answer grows, not for the whole ``n_ctx`` at load); the
+    GPU figures of :meth:`memory` are torch's allocator (``memory_allocated``), without
+    the CUDA context and the allocator's cache.
 
     Raises:
-        ConfigError: unknown dtype, 4-bit without CUDA, merging into a 4-bit base.
+        ModelFileError: the model or adapter directory has no config or no weights, or a
+            truncated safetensors file.
+        ConfigError: unknown dtype or loader, merging into a 4-bit base.
     """
 
     name = "transformers"
@@ -59,49 +80,98 @@ class TransformersBackend(Backend):
         dtype: DType = "fp32",
         merge: bool = False,
         device: str | None = None,
+        loader: Loader = "molting",
     ):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype {dtype!r} not in {DTYPES}")
+        if loader not in LOADERS:
+            raise ConfigError(f"loader {loader!r} not in {LOADERS}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype == "4bit" and self.device != "cuda":
-            raise ConfigError("dtype='4bit' needs CUDA (bitsandbytes); use 'fp32' or 'bf16' on CPU")
         if merge and dtype == "4bit":
             raise ConfigError("merge=True into a 4-bit base loses the adapter's precision; use fp32/bf16")
         model_dir = resolve_base_model(model)
+        if adapter is not None:
+            check_adapter_dir(adapter)
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = _load(model_dir, dtype, self.device)
+        self.model = _load(model_dir, dtype, self.device, loader)
         if adapter is not None:
             self.model = _apply_adapter(self.model, Path(adapter), merge)
         self.model.eval()
         self.stop_ids = _stop_ids(self.tokenizer, self.model.generation_config.eos_token_id)
 
-    def stream(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[Chunk]:
-        """Yield the answer as ``generate`` decodes it (in a worker thread); see :meth:`Backend.stream`."""
-        inputs = self.tokenizer.apply_chat_template(
+    def count_tokens(self, text: str | Sequence[Message]) -> int:
+        """Tokens with the model's tokenizer; see :meth:`Backend.count_tokens`."""
+        if isinstance(text, str):
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return int(self._prompt(text)["input_ids"].shape[1])
+
+    def _prompt(self, messages: Sequence[Message]):
+        return self.tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, return_dict=True, return_tensors="pt"
-        ).to(self.device)
+        )
+
+    def stream(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[Chunk]:
+        """Yield the answer as ``generate`` decodes it (in a worker thread); see :meth:`Backend.stream`.
+
+        Closing the stream early (a stop string, a consumer that stops reading, Ctrl-C)
+        stops ``generate`` after its current token.
+        """
+        if self.model is None:
+            raise ConfigError("this TransformersBackend is closed")
+        return stop_at(self._stream(messages, config), config.stop)
+
+    def _stream(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[Chunk]:
+        inputs = self._prompt(messages).to(self.device)
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        streamer = _TokenQueue()
-        kwargs = dict(**inputs, streamer=streamer, **self._sampling(config, prompt_tokens))
+        streamer, cancel = _TokenQueue(), threading.Event()
+        kwargs = dict(
+            **inputs,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+            **self._sampling(config, prompt_tokens),
+        )
         worker = threading.Thread(target=self._generate, args=(kwargs, config.seed, streamer))
         worker.start()
         ids: list[int] = []
         sent = ""
-        for token in streamer:
-            if token in self.stop_ids:
-                break
-            ids.append(token)
-            text = self._decode(ids)
-            if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-                continue
-            yield Chunk(text[len(sent) :], prompt_tokens, len(ids))
-            sent = text
-        worker.join()
+        try:
+            for token in streamer:
+                if token in self.stop_ids:
+                    break
+                ids.append(token)
+                text = self._decode(ids)
+                if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+                    continue
+                yield Chunk(text[len(sent) :], prompt_tokens, len(ids))
+                sent = text
+        finally:
+            cancel.set()
+            worker.join()
         if streamer.error is not None:
             raise streamer.error
         reason = "length" if len(ids) >= config.max_new_tokens else "stop"
         # The rest: bytes that never completed a character stay U+FFFD.
         yield Chunk(self._decode(ids)[len(sent) :], prompt_tokens, len(ids), finish_reason=reason)
+
+    def vram(self) -> tuple[float, float] | None:
+        """torch's allocated CUDA memory now and its peak since this backend was created, in MiB.
+
+        The peak is the allocator's process-wide statistic, reset when this backend is
+        created; None on CPU.
+        """
+        if not self.device.startswith("cuda"):
+            return None
+        return torch.cuda.memory_allocated(self.device) / 2**20, torch.cuda.max_memory_allocated(self.device) / 2**20
+
+    def close(self) -> None:
+        """Drop the model, collect it, and give freed memory back (CUDA cache, glibc's heap)."""
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _malloc_trim()
 
     def _decode(self, ids: list[int]) -> str:
         """Text of generated ``ids``: special tokens dropped, spaces as generated (as llama.cpp)."""
@@ -123,7 +193,7 @@ class TransformersBackend(Backend):
             eos_token_id=sorted(self.stop_ids),
         )
         if sample:
-            options.update(temperature=config.temperature, top_p=config.top_p)
+            options.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
         else:
             options.update(temperature=None, top_p=None, top_k=None)
         return options
@@ -138,10 +208,15 @@ class TransformersBackend(Backend):
         finally:
             streamer.end()
 
-    def close(self) -> None:
-        self.model = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+
+class _Cancelled(StoppingCriteria):
+    """Stops ``generate`` once ``event`` is set (the consumer closed the stream)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class _TokenQueue(BaseStreamer):
@@ -183,27 +258,42 @@ def _stop_ids(tokenizer: Any, eos_token_id: int | list[int] | None) -> set[int]:
     return ids - {None}
 
 
-def _load(model_dir: Path, dtype: DType, device: str):
+def _load(model_dir: Path, dtype: DType, device: str, loader: Loader):
     if dtype == "4bit":
-        from transformers import BitsAndBytesConfig
-
-        nf4 = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        return AutoModelForCausalLM.from_pretrained(
-            model_dir, quantization_config=nf4, device_map={"": 0}, dtype=torch.bfloat16
-        )
+        return _load_4bit(model_dir, device, loader)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device)
+
+
+def _load_4bit(model_dir: Path, device: str, loader: Loader):
+    """NF4 with bf16 compute, by molting's streaming loader or by transformers' ``from_pretrained``."""
+    from molting.backends.nf4 import NF4Config, load_nf4
+
+    config = NF4Config()
+    if loader == "molting":
+        return load_nf4(model_dir, device, config)
+    from transformers import BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=config.double_quant,
+        bnb_4bit_compute_dtype=config.compute_dtype,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=nf4, device_map={"": device}, dtype=config.compute_dtype
+    )
+
+
+def _malloc_trim() -> None:
+    """Return the freed heap to the OS (glibc's ``malloc_trim``), so RSS falls after close; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _apply_adapter(model, adapter: Path, merge: bool):
     from peft import PeftModel
 
-    if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"{adapter}: no adapter_config.json (make one with `molting train`)")
     model = PeftModel.from_pretrained(model, adapter)
     return model.merge_and_unload() if merge else model
