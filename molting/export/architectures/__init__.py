@@ -5,7 +5,9 @@ An architecture is a small flat class (see ``llama.py``) with:
 - ``gguf_arch``: a ``gguf.MODEL_ARCH`` member, the ``general.architecture`` it writes;
 - ``set_params(writer, config)``: the architecture's hyperparameter keys;
 - ``tensors(state, config)``: a generator of ``(gguf_name, np.ndarray)`` pairs from
-  ``(hf_name, np.ndarray)`` pairs.
+  ``(hf_name, np.ndarray)`` pairs. The writer runs it twice: first on read-only
+  zero-stride placeholders (for the header: only names and shapes may come out of it,
+  so it must not branch on values or write into its inputs), then on the weights.
 
 Adding an architecture is one new file with ``@register("XForCausalLM")`` on its class
 and one import line at the bottom of this module.
