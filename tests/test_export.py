@@ -47,9 +47,9 @@ def hf_logits(model_dir, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
-    """llama.cpp's logits for every position, shape (len(ids), vocab)."""
-    with llama(path, logits_all=True) as llm:
+def llama_cpp_logits(path, ids: list[int], **kwargs) -> np.ndarray:
+    """llama.cpp's logits for every position, shape (len(ids), vocab); ``kwargs`` go to ``Llama``."""
+    with llama(path, logits_all=True, **kwargs) as llm:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)])
 

@@ -31,9 +31,13 @@ class LlamaCppBackend(Backend):
         n_threads: CPU threads for decoding; None lets llama-cpp-python choose.
         n_threads_batch: CPU threads for prefill (prompt processing); None = ``n_threads``
             when that is given, else every core.
+        lora_path: a LoRA adapter GGUF (``molting export --adapter-only``) applied to
+            ``model_path``, which must be the base it was trained on.
+        lora_scale: the adapter's weight: 1.0 applies it as trained (``lora_alpha / r``).
 
     Raises:
-        ConfigError: the file is missing or has no chat template.
+        ConfigError: the file or the adapter is missing, llama.cpp refuses the adapter
+            (another base), or the model has no chat template.
     """
 
     name = "llama.cpp"
@@ -45,18 +49,35 @@ class LlamaCppBackend(Backend):
         n_gpu_layers: int = 0,
         n_threads: int | None = None,
         n_threads_batch: int | None = None,
+        lora_path: str | Path | None = None,
+        lora_scale: float = 1.0,
     ):
         self.model_path = Path(model_path)
-        if not self.model_path.is_file():
-            raise ConfigError(f"{self.model_path}: GGUF file not found (make one with `molting export`)")
-        self.llm = llama_cpp.Llama(
-            model_path=str(self.model_path),
-            n_ctx=n_ctx,
-            n_gpu_layers=n_gpu_layers,
-            n_threads=n_threads,
-            n_threads_batch=n_threads_batch or n_threads,
-            verbose=False,
-        )
+        for path, made_by in ((self.model_path, "molting export"), (lora_path, "molting export --adapter-only")):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{path}: GGUF file not found (make one with `{made_by}`)")
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.model_path),
+                n_ctx=n_ctx,
+                n_gpu_layers=n_gpu_layers,
+                n_threads=n_threads,
+                n_threads_batch=n_threads_batch or n_threads,
+                lora_path=str(lora_path) if lora_path is not None else None,
+                lora_scale=lora_scale,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:  # llama-cpp-python's errors for a file or adapter it refuses
+            what = f"{self.model_path} with the adapter {lora_path}" if lora_path else str(self.model_path)
+            raise ConfigError(f"llama.cpp refused {what}: {exc}") from None
+        # llama-cpp-python 0.3.x checks the adapter handle with ``is None``, but a refused
+        # adapter comes back as a NULL pointer object: test its truth value instead.
+        if lora_path is not None and not self.llm._lora_adapter:
+            self.llm.close()
+            raise ConfigError(
+                f"llama.cpp refused the adapter {lora_path} for {self.model_path}: not a LoRA adapter GGUF, "
+                "or made for another base (its log says which; `molting export --adapter-only` makes one)"
+            )
         # The window asked for (n_ctx=0: the model's). llama.cpp may pad its own context
         # (``llm.n_ctx()``, e.g. to 256), but llama-cpp-python's token buffer holds only this.
         self.n_ctx = self.llm.context_params.n_ctx
