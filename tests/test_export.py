@@ -194,8 +194,10 @@ def test_end_of_turn_is_the_templates(tmp_path, tiny_tokenizer):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
 def test_quantized_model_loads_and_generates(tmp_path, tiny_llama_256_dir, tiny_tokenizer, qtype):
     f16 = write_gguf(tiny_llama_256_dir, tmp_path / "m-f16.gguf", outtype="f16")
-    path = quantize(f16, tmp_path / f"m-{qtype}.gguf", qtype, n_threads=2)
+    calls = []
+    path = quantize(f16, tmp_path / f"m-{qtype}.gguf", qtype, n_threads=2, progress=lambda *a: calls.append(a))
     reader = gguf.GGUFReader(path)
+    assert calls == [(i, len(reader.tensors)) for i in range(1, len(reader.tensors) + 1)]  # one call per tensor
     assert field(reader, "general.file_type") == getattr(llama_cpp, QUANT_TYPES[qtype])
     block_type = {"Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_K_M": gguf.GGMLQuantizationType.Q4_K}[qtype]
     assert {t.name: t.tensor_type for t in reader.tensors}["blk.0.attn_q.weight"] == block_type

@@ -96,10 +96,14 @@ def test_choose_quant_takes_the_smallest_under_the_threshold():
     assert choose_quant(checks[1:], 0.001) is None
 
 
-def test_quant_auto_keeps_the_chosen_file_and_writes_the_table(persona, tiny_llama_256_dir, tmp_path):
-    """On the random 256-wide llama: whatever is chosen, it is the first candidate under the threshold."""
+@pytest.mark.parametrize("max_kl", [0.01, 0.05])
+def test_quant_auto_keeps_the_chosen_file_and_writes_the_table(persona, tiny_llama_256_dir, tmp_path, max_kl):
+    """On the random 256-wide llama every quant type loses much (Q8_0: ~0.02 nats): at 0.01 nats
+    auto falls back to F16, at 0.05 it keeps a quantized file. Either way the choice is the
+    first candidate, smallest first, at or under the threshold."""
     ui = SilentUI()
-    config = VerifyConfig(max_positions=128, n_threads=2, generation=GenerationConfig(max_new_tokens=8))
+    generation = GenerationConfig(max_new_tokens=8)
+    config = VerifyConfig(max_positions=128, n_threads=2, generation=generation, auto_max_kl=max_kl)
     result = export_gguf(persona, tiny_llama_256_dir, lambda q: tmp_path / f"m.{q}.gguf", "auto", ui, verify=config)
     report = result.check
     tried = [f.quant for f in report.files]
@@ -107,6 +111,7 @@ def test_quant_auto_keeps_the_chosen_file_and_writes_the_table(persona, tiny_lla
     under = [f for f in report.files[1:] if f.mean_kl <= config.auto_max_kl]
     assert under == ([report.files[-1]] if under else [])  # tried smallest first, stopped at the first under
     assert result.quant == report.chosen == (under[0].quant if under else "F16")
+    assert (result.quant == "F16") == (max_kl == 0.01)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"m.{result.quant}.gguf", f"m.{result.quant}.verify.json"]
     saved = json.loads((tmp_path / f"m.{result.quant}.verify.json").read_text())
     assert saved["chosen"] == result.quant and len(saved["files"]) == len(tried)
