@@ -321,3 +321,16 @@ def test_an_interrupt_during_quantization_waits_for_llama_cpp_then_propagates():
         _in_worker_thread(native_call)
     assert finished == [True]
     assert _in_worker_thread(lambda a, b: a + b, 2, 3) == 5
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header"])
+def test_corrupt_safetensors_named_and_no_file(tmp_path, tiny_llama_dir, damage):
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    weights = model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(
+        data[: len(data) - 1000] if damage == "truncated" else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......"
+    )
+    with pytest.raises(ExportError, match=re.escape(str(weights))):
+        write_gguf(model_dir, tmp_path / "out" / "m.gguf")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -156,7 +156,8 @@ def read_safetensors(files: list[Path], data: bool = True) -> Iterator[tuple[str
             converts them, so the mapping is released with the array.
 
     Raises:
-        ExportError: a file that is not safetensors, or a dtype other than F32/F16/BF16.
+        ExportError: a file that is not safetensors or is cut short, or a dtype other
+            than F32/F16/BF16.
     """
     from gguf.utility import SafetensorsLocal
 
@@ -165,26 +166,27 @@ def read_safetensors(files: list[Path], data: bool = True) -> Iterator[tuple[str
             tensors = SafetensorsLocal(path).tensors
         except (ValueError, UnicodeDecodeError) as exc:
             raise ExportError(f"{path}: not a readable safetensors file ({exc})") from None
+        size = path.stat().st_size
         for name, tensor in tensors.items():
             if tensor.dtype not in SAFETENSORS_DTYPES:
                 raise ExportError(f"{path}: tensor {name!r} is {tensor.dtype}; supported: {sorted(SAFETENSORS_DTYPES)}")
+            expected = int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[tensor.dtype]).itemsize
+            end = tensor.data_range.offset + tensor.data_range.size
+            if tensor.data_range.size != expected or end > size:
+                raise ExportError(f"{path}: tensor {name!r} lies outside the file or has the wrong size (corrupt?)")
             if data:
-                yield name, _to_float32(tensor, path)
+                yield name, _to_float32(tensor)
             else:
                 yield name, np.broadcast_to(np.float32(0), tensor.shape)
 
 
-def _to_float32(tensor: Any, path: Path) -> np.ndarray:
+def _to_float32(tensor: Any) -> np.ndarray:
     """One ``gguf.utility.LocalTensor`` as a float32 array.
 
     F32 data stays a copy-on-write view of its own mapping (no copy), unmapped when the
     array is dropped; F16 and BF16 are converted into a new array.
     """
-    raw = tensor.mmap_bytes()
-    stored = SAFETENSORS_DTYPES[tensor.dtype]
-    if raw.size != int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(stored).itemsize:
-        raise ExportError(f"{path}: tensor data is truncated (corrupt or incomplete file)")
-    values = raw.view(stored).reshape(tensor.shape)
+    values = tensor.mmap_bytes().view(SAFETENSORS_DTYPES[tensor.dtype]).reshape(tensor.shape)
     if tensor.dtype == "BF16":
         return (values.astype(np.uint32) << 16).view(np.float32)
     return values.astype(np.float32, copy=False)
