@@ -237,24 +237,24 @@ def export(
     """Merge an adapter into its base, write a GGUF with the persona's prompt inside, and check it."""
     import tempfile
 
-    from molting.export import merge_adapter, write_lora_gguf
+    from molting.export import merge_adapter
     from molting.export.verify import VerifyConfig
     from molting.models import resolve_base_model
     from molting.persona import Persona
-    from molting.pipeline import export_gguf
+    from molting.pipeline import export_adapter_gguf, export_gguf
 
     ui = RichUI()
     try:
         persona = Persona.load(persona_dir)
+        verify = None if no_verify else VerifyConfig()
         if adapter_only:
-            with ui.bar("LoRA adapter GGUF", None) as advance:
-                write_lora_gguf(adapter, resolve_base_model(base), out, name=persona.name, progress=advance)
+            export_adapter_gguf(persona, resolve_base_model(base), adapter, out, ui, verify=verify)
             console.print(f"wrote {out}: apply it to the base's GGUF with `llama-cli -m BASE.gguf --lora {out}`")
             return
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
             ui.step("Merging the adapter into a full-precision copy of the base")
             merged = merge_adapter(resolve_base_model(base), adapter, Path(tmp) / "merged")
-            result = export_gguf(persona, merged, out, quant, ui, verify=None if no_verify else VerifyConfig())
+            result = export_gguf(persona, merged, out, quant, ui, verify=verify)
     except MoltingError as exc:
         _fail(exc)
     console.print(f"wrote {result.path} ({result.quant})")

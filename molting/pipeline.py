@@ -304,12 +304,66 @@ class _Checker:
         positions = sum(len(ids) - start for ids, start in self.texts)
         self.report = VerifyReport("the merged transformers model (fp32)", len(self.texts), positions)
 
-    def check(self, path: Path, quant: str) -> FileCheck:
+    def check(self, path: Path, quant: str, lora_path: Path | None = None) -> FileCheck:
+        """Compare ``path`` (with the adapter ``lora_path`` applied, when given: the check is then its)."""
         self.ui.step(f"Behaviour check: {quant} in llama.cpp against the merged model")
-        top1, mean_kl, max_kl = compare_gguf(path, self.texts, self.reference, self.verify.n_threads)
-        check = FileCheck(quant, str(path), path.stat().st_size, top1, mean_kl, max_kl)
+        top1, mean_kl, max_kl = compare_gguf(path, self.texts, self.reference, self.verify.n_threads, lora_path)
+        checked = lora_path or path
+        check = FileCheck(quant, str(checked), checked.stat().st_size, top1, mean_kl, max_kl)
         self.report.files.append(check)
         return check
+
+
+def export_adapter_gguf(
+    persona: Persona,
+    base_dir: Path,
+    adapter: Path,
+    target: Path,
+    ui,
+    verify: VerifyConfig | None = VerifyConfig(),  # noqa: B008 (frozen dataclass)
+) -> ExportResult:
+    """Write a LoRA adapter as llama.cpp's adapter GGUF (``write_lora_gguf``) and check it.
+
+    The check merges the adapter into the base and writes the base as F16 GGUF, both in a
+    temporary directory beside ``target``, then compares base F16 + adapter in llama.cpp with
+    the merged model in transformers under the F16 gate (``check_unquantized``); a failure
+    removes ``target``. The table is printed and saved as ``<stem>.verify.json``.
+
+    Args:
+        persona: names the file (``general.name``) and supplies the text of the check.
+        base_dir: the base model directory the adapter was trained on.
+        adapter: the peft adapter directory.
+        target: the adapter ``.gguf``.
+        ui: ``step``, ``bar`` and ``verify(report)``, as in :func:`run`.
+        verify: the check's settings; None skips it.
+
+    Raises:
+        ExportError: the adapter does not fit the base, or base + adapter fails the check.
+    """
+    import tempfile
+
+    from molting.export import merge_adapter, write_gguf, write_lora_gguf
+
+    target = Path(target)
+    ui.step(f"Writing {persona.name}'s LoRA adapter as a llama.cpp adapter GGUF")
+    with ui.bar("LoRA adapter GGUF", None) as advance:
+        write_lora_gguf(adapter, base_dir, target, name=persona.name, progress=advance)
+    if verify is None:
+        return ExportResult(target, "LoRA", None)
+    try:
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            merged = merge_adapter(base_dir, adapter, Path(tmp) / "merged")
+            ui.step("Writing the base as GGUF F16, for the check")
+            with ui.bar("GGUF F16 (base)", None) as advance:
+                base_gguf = write_gguf(base_dir, Path(tmp) / "base.F16.gguf", progress=advance)
+            checker = _Checker(persona, merged, ui, verify)
+            check_unquantized(checker.check(base_gguf, "F16 + LoRA", lora_path=target), verify)
+        checker.report.write_json(target.with_name(f"{target.name.removesuffix('.gguf')}.verify.json"))
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    ui.verify(checker.report)
+    return ExportResult(target, "LoRA", checker.report)
 
 
 def _stop_check(persona: Persona, result: ExportResult, ui, verify: VerifyConfig) -> None:

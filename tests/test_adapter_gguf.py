@@ -119,4 +119,26 @@ def test_cli_export_adapter_only(lora, tiny_llama_dir, tmp_path):
     result = CliRunner().invoke(app, [*args, "--adapter-only", "--base", str(tiny_llama_dir)])
     assert result.exit_code == 0, result.output
     assert field(gguf.GGUFReader(out), "general.name") == "Cláudio"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["claudio.lora.gguf", "persona"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["claudio.lora.gguf", "claudio.lora.verify.json", "persona"]
+    (check,) = json.loads((tmp_path / "claudio.lora.verify.json").read_text())["files"]
+    assert check["quant"] == "F16 + LoRA" and check["top1"] >= 0.99 and check["mean_kl"] <= 1e-3
+
+
+def test_adapter_export_fails_its_check_when_the_adapter_is_wrong(tiny_llama_256_dir, tmp_path, monkeypatch):
+    """The check applies the adapter to the base's F16 GGUF in llama.cpp: a wrong B (doubled) is caught."""
+    import molting.export.adapter
+    from molting.export.verify import VerifyConfig
+    from molting.pipeline import export_adapter_gguf
+    from tests.test_pipeline import SilentUI, make_persona
+
+    (tmp_path / "persona").mkdir()
+    persona = make_persona(tmp_path / "persona")
+    make_adapter(tiny_llama_256_dir, tmp_path / "adapter")
+    out = tmp_path / "out" / "a.gguf"
+    pairs = molting.export.adapter._pairs
+    monkeypatch.setattr(
+        molting.export.adapter, "_pairs", lambda path: {k: (a, 2 * b) for k, (a, b) in pairs(path).items()}
+    )
+    with pytest.raises(ExportError, match=r"F16 \+ LoRA GGUF does not compute what the model computes"):
+        export_adapter_gguf(persona, tiny_llama_256_dir, tmp_path / "adapter", out, SilentUI(), VerifyConfig())
+    assert sorted(p.name for p in out.parent.iterdir()) == []

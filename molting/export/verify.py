@@ -240,7 +240,11 @@ def reference_logprobs(model_dir: Path, texts: list[tuple[list[int], int]]) -> l
 
 
 def compare_gguf(
-    path: Path, texts: list[tuple[list[int], int]], reference: list[np.ndarray], n_threads: int | None = None
+    path: Path,
+    texts: list[tuple[list[int], int]],
+    reference: list[np.ndarray],
+    n_threads: int | None = None,
+    lora_path: Path | None = None,
 ) -> tuple[float, float, float]:
     """Top-1 agreement, mean and max KL (nats) of ``path`` against ``reference``.
 
@@ -249,13 +253,15 @@ def compare_gguf(
         texts: the token ids and scored starts (:func:`persona_texts`).
         reference: :func:`reference_logprobs` on the same texts.
         n_threads: llama.cpp threads.
+        lora_path: a LoRA adapter GGUF applied to ``path`` (scale 1).
 
     Raises:
-        ExportError: llama.cpp cannot load the file, or its vocabulary size differs.
+        ExportError: llama.cpp cannot load the file or the adapter, or the vocabulary differs.
     """
     import llama_cpp
 
     longest = max(len(ids) for ids, _ in texts)
+    what = f"{path} with {lora_path}" if lora_path else str(path)
     try:
         llm = llama_cpp.Llama(
             str(path),
@@ -266,10 +272,14 @@ def compare_gguf(
             n_threads_batch=n_threads,
             type_k=llama_cpp.GGML_TYPE_F32,
             type_v=llama_cpp.GGML_TYPE_F32,
+            lora_path=str(lora_path) if lora_path else None,
             verbose=False,
         )
-    except ValueError as exc:
-        raise ExportError(f"{path}: llama.cpp cannot load the file: {exc}") from None
+    except (ValueError, RuntimeError) as exc:
+        raise ExportError(f"llama.cpp cannot load {what}: {exc}") from None
+    if lora_path and not llm._lora_adapter:  # see LlamaCppBackend: a refused adapter is a NULL pointer
+        llm.close()
+        raise ExportError(f"llama.cpp refused the adapter {lora_path} for {path}")
     same, kls = [], []
     try:
         if llm.n_vocab() != reference[0].shape[1]:
