@@ -58,6 +58,13 @@ MaxLength = Annotated[int, typer.Option(help="training sequence limit, tokens [d
 Quantization = Annotated[str, typer.Option(help="auto (4-bit on CUDA, none on CPU), 4bit or none")]
 MaxNew = Annotated[int, typer.Option(help="max_new_tokens for generation")]
 RepPenalty = Annotated[float, typer.Option(help="repetition_penalty (1.0 disables)")]
+Quant = Annotated[
+    str,
+    typer.Option(help="GGUF type: F16, Q8_0, Q4_K_M, ... or auto (the smallest whose mean KL stays under 0.01 nats)"),
+]
+NoVerify = Annotated[
+    bool, typer.Option("--no-verify", help="skip the export's behaviour check (llama.cpp vs transformers)")
+]
 
 
 class RichUI:
@@ -90,6 +97,21 @@ class RichUI:
         for score in result.scores:
             table.add_row(score.prompt, str(score.score), "; ".join(score.reasons) or "ok")
         console.print(table)
+
+    def verify(self, report) -> None:
+        title = f"export check: {report.positions} positions of the persona's text vs {report.reference}"
+        table = Table(title=title)
+        for column in ("GGUF", "MiB", "same top-1", "mean KL (nats)", "max KL", "stop & leak"):
+            table.add_column(column, justify="left" if column in ("GGUF", "stop & leak") else "right")
+        for row in report.rows():
+            table.add_row(*row)
+        console.print(table)
+        for check in report.files:
+            if check.stop is not None and not check.stop.ok:
+                console.print(
+                    f"[yellow]{check.quant}: {check.stop.replies - check.stop.stopped} of {check.stop.replies} "
+                    f"replies did not stop by themselves; leaked: {check.stop.leaks or 'nothing'}"
+                )
 
     def budget(self, report) -> None:
         s = report.summary()
@@ -225,27 +247,41 @@ def export(
     persona_dir: PersonaDir,
     adapter: Annotated[Path, typer.Option(help="peft adapter directory from `molting train`")],
     out: Annotated[Path, typer.Option(help="the .gguf file to write")],
-    quant: Annotated[str, typer.Option(help="F16, Q8_0, Q4_K_M, ...")] = "Q4_K_M",
+    quant: Quant = "Q4_K_M",
     base: Base = "smollm2-135m",
+    no_verify: NoVerify = False,
+    adapter_only: Annotated[
+        bool,
+        typer.Option(
+            "--adapter-only",
+            help="write only the LoRA adapter, as llama.cpp's adapter GGUF for the base's F16 GGUF (--lora)",
+        ),
+    ] = False,
 ) -> None:
-    """Merge an adapter into its base and write a GGUF with the persona's prompt inside."""
+    """Merge an adapter into its base, write a GGUF with the persona's prompt inside, and check it."""
     import tempfile
 
     from molting.export import merge_adapter
+    from molting.export.verify import VerifyConfig
     from molting.models import resolve_base_model
     from molting.persona import Persona
-    from molting.pipeline import export_gguf
+    from molting.pipeline import export_adapter_gguf, export_gguf
 
     ui = RichUI()
     try:
         persona = Persona.load(persona_dir)
+        verify = None if no_verify else VerifyConfig()
+        if adapter_only:
+            export_adapter_gguf(persona, resolve_base_model(base), adapter, out, ui, verify=verify)
+            console.print(f"wrote {out}: apply it to the base's GGUF with `llama-cli -m BASE.gguf --lora {out}`")
+            return
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
             ui.step("Merging the adapter into a full-precision copy of the base")
             merged = merge_adapter(resolve_base_model(base), adapter, Path(tmp) / "merged")
-            export_gguf(persona, merged, out, quant, ui)
+            result = export_gguf(persona, merged, out, quant, ui, verify=verify)
     except MoltingError as exc:
         _fail(exc)
-    console.print(f"wrote {out}")
+    console.print(f"wrote {result.path} ({result.quant})")
 
 
 @app.command()
@@ -315,11 +351,13 @@ def run_all(
     lr: LR = None,
     max_length: MaxLength = None,
     quantization: Quantization = "auto",
-    quant: Annotated[str, typer.Option(help="GGUF quantization type")] = "Q4_K_M",
+    quant: Quant = "Q4_K_M",
     max_new_tokens: MaxNew = 200,
     repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
+    no_verify: NoVerify = False,
 ) -> None:
     """Validate → budget → train → rubric (base, fine-tuned) → GGUF → rubric (llama.cpp) → report."""
+    from molting.export.verify import VerifyConfig
     from molting.persona import Persona
     from molting.pipeline import RunConfig, run
 
@@ -328,6 +366,7 @@ def run_all(
         config = RunConfig(
             out=out,
             quant=quant,
+            verify=None if no_verify else VerifyConfig(),
             train=_train_config(base, epochs, r, lora_alpha, lr, max_length, quantization),
             generation=GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty),
         )

@@ -13,10 +13,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from molting.backends.base import GenerationConfig
+from molting.errors import ExportError
+from molting.export.verify import (
+    AUTO_CANDIDATES,
+    FileCheck,
+    VerifyConfig,
+    VerifyReport,
+    check_unquantized,
+    choose_quant,
+    compare_gguf,
+    persona_texts,
+    reference_logprobs,
+    stop_and_leak,
+)
 from molting.persona import Persona
 from molting.train import TrainConfig
 
@@ -31,9 +44,12 @@ class RunConfig:
         generation: decoding for every rubric pass; identical for base, fine-tuned and GGUF
             so that the comparison is fair (the research log: greedy, repetition_penalty 1.3,
             200 new tokens).
-        quant: the GGUF quantization type (molting.export.QUANT_TYPES).
+        quant: the GGUF quantization type (molting.export.QUANT_TYPES), or "auto" (see
+            :func:`export_gguf`).
         n_ctx: llama.cpp context for the GGUF rubric pass.
         keep_f16: keep the intermediate F16 GGUF next to the quantized one.
+        verify: the export's behaviour check (``molting.export.verify``); its replies use
+            ``generation``. None skips it.
     """
 
     out: Path | None = None
@@ -42,17 +58,19 @@ class RunConfig:
     quant: str = "Q4_K_M"
     n_ctx: int = 2048
     keep_f16: bool = False
+    verify: VerifyConfig | None = field(default_factory=VerifyConfig)
 
 
 @dataclass
 class RunResult:
-    """Paths of what a run wrote."""
+    """Paths of what a run wrote; ``check`` is the export's behaviour check (None when skipped)."""
 
     out: Path
     adapter: Path
     gguf: Path
     report: Path
     results: dict = field(default_factory=dict)
+    check: VerifyReport | None = None
 
 
 Step = Callable[[str], None]
@@ -65,8 +83,9 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
         persona: a loaded persona (``Persona.load`` validated it and its dataset).
         config: see RunConfig.
         ui: progress reporter with ``step(title)``, ``budget(report)`` (a BudgetReport),
-            ``bar(title, total)`` (a context manager yielding ``advance(done, total=None)``)
-            and ``table(result)`` (a RubricResult); the CLI passes a rich one, tests a silent one.
+            ``bar(title, total)`` (a context manager yielding ``advance(done, total=None)``),
+            ``table(result)`` (a RubricResult) and ``verify(report)`` (a VerifyReport); the CLI
+            passes a rich one, tests a silent one.
     """
     from molting.backends.llamacpp import LlamaCppBackend
     from molting.backends.transformers import TransformersBackend
@@ -87,14 +106,14 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
         ("fine-tuned", lambda: TransformersBackend(merged)),
     ):
         results[label] = _evaluate(label, backend, persona, rubric, config, out, ui, evaluate)
-    gguf = _export(persona, merged, out, config, ui)
-    label = f"GGUF {config.quant}"
+    export = _export(persona, merged, out, config, ui)
+    gguf, label = export.path, f"GGUF {export.quant}"
     results[label] = _evaluate(
         label, lambda: LlamaCppBackend(gguf, n_ctx=config.n_ctx), persona, rubric, config, out, ui, evaluate
     )
     _write_modelfile(persona, gguf, config.generation, out)
-    report = _write_report(persona, config, record, results, gguf, out)
-    return RunResult(out, out / "adapter", gguf, report, results)
+    report = _write_report(persona, config, record, results, export, out)
+    return RunResult(out, out / "adapter", gguf, report, results, export.check)
 
 
 def _budget(persona: Persona, config: RunConfig, ui) -> None:
@@ -139,37 +158,226 @@ def _evaluate(label, make_backend, persona, rubric, config: RunConfig, out: Path
     return result
 
 
-def _export(persona: Persona, merged: Path, out: Path, config: RunConfig, ui) -> Path:
-    target = out / f"{persona.slug}.{config.quant}.gguf"
-    return export_gguf(persona, merged, target, config.quant, ui, keep_f16=config.keep_f16)
+def _export(persona: Persona, merged: Path, out: Path, config: RunConfig, ui) -> ExportResult:
+    verify = replace(config.verify, generation=config.generation) if config.verify else None
+    target = lambda quant: out / f"{persona.slug}.{quant}.gguf"  # noqa: E731
+    return export_gguf(persona, merged, target, config.quant, ui, keep_f16=config.keep_f16, verify=verify)
 
 
-def export_gguf(persona: Persona, merged: Path, target: Path, quant: str, ui, keep_f16: bool = False) -> Path:
-    """Write ``merged`` as GGUF F16 with ``persona``'s prompt inside, then quantize it to ``target``.
+@dataclass
+class ExportResult:
+    """What :func:`export_gguf` wrote: the file, its type and its check (None with ``verify=None``)."""
+
+    path: Path
+    quant: str
+    check: VerifyReport | None = None
+
+
+def export_gguf(
+    persona: Persona,
+    merged: Path,
+    target: Path | Callable[[str], Path],
+    quant: str,
+    ui,
+    keep_f16: bool = False,
+    verify: VerifyConfig | None = VerifyConfig(),  # noqa: B008 (frozen dataclass)
+) -> ExportResult:
+    """Write ``merged`` as GGUF F16 with ``persona``'s prompt inside, quantize it, and check the result.
+
+    The check (``molting.export.verify``) compares every file written with the merged model on
+    the persona's text; an F16 that fails it ends the export before quantization, and no file is
+    left. The table is printed (``ui.verify``) and written beside the file as
+    ``<stem>.verify.json``.
 
     Args:
-        persona: supplies ``general.name`` and the system prompt baked into the chat template.
+        persona: supplies ``general.name``, the system prompt baked into the chat template,
+            and the rubric and dataset the check runs on.
         merged: a merged model directory (``merge_adapter``).
-        target: the final ``.gguf``; the F16 intermediate is written beside it.
-        quant: a ``molting.export.QUANT_TYPES`` key; "F16" writes ``target`` directly.
-        ui: as in :func:`run` (``step`` and ``bar``).
+        target: the final ``.gguf``, or a function of the quant type giving it (which names the
+            ``auto`` choice by its type). The F16 intermediate is written beside it.
+        quant: a ``molting.export.QUANT_TYPES`` key, or ``"auto"``: quantize to
+            ``AUTO_CANDIDATES`` smallest first and keep the first whose mean KL is at most
+            ``verify.auto_max_kl`` (the F16 if none is); ``"F16"`` writes ``target`` directly.
+        ui: as in :func:`run` (``step``, ``bar``, and ``verify(report)``).
         keep_f16: keep the F16 intermediate next to ``target``.
-    """
-    from molting.export import quantize, write_gguf
+        verify: the check's settings; None skips it (``--no-verify``).
 
-    f16 = target if quant.upper() == "F16" else target.with_name(f"{persona.slug}.F16.gguf")
+    Raises:
+        ExportError: the F16 fails the check, ``auto`` without ``verify``, or a step fails.
+    """
+    from molting.export import QUANT_TYPES
+
+    quant = quant.upper()
+    if quant != "AUTO" and quant not in QUANT_TYPES:
+        raise ExportError(f"unknown quantization type {quant!r}; allowed: auto, {', '.join(QUANT_TYPES)}")
+    if quant == "AUTO" and verify is None:
+        raise ExportError("--quant auto chooses by the check's numbers; it cannot run with --no-verify")
+    final_for, name_for = _names(target, quant, persona.slug)
+    f16 = name_for("F16")
+    written: list[Path] = []  # files this export completed: removed again if it fails
+    try:
+        result = _write_and_check(persona, merged, f16, quant, name_for, ui, verify, written)
+        final = final_for(result.quant)
+        if result.path != final:
+            result.path.replace(final)
+            result.path = final
+            written.append(final)
+            if result.check is not None:
+                result.check.get(result.quant).path = str(final)
+        if result.check is not None:
+            _stop_check(persona, result, ui, verify)
+            result.check.write_json(final.with_name(f"{final.name.removesuffix('.gguf')}.verify.json"))
+            ui.verify(result.check)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    for path in written:
+        if path != result.path and not (keep_f16 and path == f16):
+            path.unlink(missing_ok=True)
+    return result
+
+
+def _names(target: Path | Callable[[str], Path], quant: str, slug: str):
+    """``(final_for, name_for)``: the final path of a quant type, and where it is first written.
+
+    A fixed ``target`` is written directly when it is the asked type; the F16 intermediate
+    and ``auto``'s candidates go beside it as ``<slug>.<QUANT>.gguf``.
+    """
+    if callable(target):
+        return target, target
+    fixed = Path(target)
+    return (lambda q: fixed), (lambda q: fixed if q == quant else fixed.with_name(f"{slug}.{q}.gguf"))
+
+
+def _write_and_check(persona, merged: Path, f16: Path, quant: str, name_for, ui, verify, written) -> ExportResult:
+    """F16, its check, then the quantized file(s) and theirs; every file written goes into ``written``."""
+    from molting.export import write_gguf
+
     ui.step(f"Writing GGUF F16 with the chat template and {persona.name}'s system prompt")
     with ui.bar("GGUF F16", None) as advance:
         write_gguf(merged, f16, system_prompt=persona.system_prompt, name=persona.name, progress=advance)
-    if f16 == target:
-        return target
+    written.append(f16)
+    checker = _Checker(persona, merged, ui, verify) if verify else None
+    report = checker.report if checker else None
+    if checker:
+        check_unquantized(checker.check(f16, "F16"), verify)
+    if quant == "F16":
+        return ExportResult(f16, "F16", report)
+    candidates = AUTO_CANDIDATES if quant == "AUTO" else (quant,)
+    for candidate in candidates:
+        path = _quantize(f16, name_for(candidate), candidate, ui, written)
+        if quant != "AUTO":
+            if checker:
+                checker.check(path, candidate)
+            return ExportResult(path, candidate, report)
+        if checker.check(path, candidate).mean_kl <= verify.auto_max_kl:
+            break
+    chosen = choose_quant(report.files, verify.auto_max_kl) or report.get("F16")
+    report.chosen, report.auto_max_kl = chosen.quant, verify.auto_max_kl
+    return ExportResult(Path(chosen.path), chosen.quant, report)
+
+
+def _quantize(f16: Path, path: Path, quant: str, ui, written: list[Path]) -> Path:
+    from molting.export import quantize
+
     ui.step(f"Quantizing to {quant} with llama.cpp's quantizer")
+    with ui.bar(f"GGUF {quant}", None) as advance:
+        quantize(f16, path, quant, progress=advance)
+    written.append(path)
+    return path
+
+
+class _Checker:
+    """The reference distributions, computed once, and each file's comparison with them."""
+
+    def __init__(self, persona: Persona, merged: Path, ui, verify: VerifyConfig):
+        from transformers import AutoTokenizer
+
+        from molting.eval import load_rubric
+
+        self.ui, self.verify = ui, verify
+        ui.step("Behaviour check: next-token distributions of the merged model on the persona's text")
+        tokenizer = AutoTokenizer.from_pretrained(merged)
+        self.texts = persona_texts(persona, load_rubric(persona), tokenizer, verify.max_positions)
+        self.reference = reference_logprobs(merged, self.texts)
+        positions = sum(len(ids) - start for ids, start in self.texts)
+        self.report = VerifyReport("the merged transformers model (fp32)", len(self.texts), positions)
+
+    def check(self, path: Path, quant: str, lora_path: Path | None = None) -> FileCheck:
+        """Compare ``path`` (with the adapter ``lora_path`` applied, when given: the check is then its)."""
+        self.ui.step(f"Behaviour check: {quant} in llama.cpp against the merged model")
+        top1, mean_kl, max_kl = compare_gguf(path, self.texts, self.reference, self.verify.n_threads, lora_path)
+        checked = lora_path or path
+        check = FileCheck(quant, str(checked), checked.stat().st_size, top1, mean_kl, max_kl)
+        self.report.files.append(check)
+        return check
+
+
+def export_adapter_gguf(
+    persona: Persona,
+    base_dir: Path,
+    adapter: Path,
+    target: Path,
+    ui,
+    verify: VerifyConfig | None = VerifyConfig(),  # noqa: B008 (frozen dataclass)
+) -> ExportResult:
+    """Write a LoRA adapter as llama.cpp's adapter GGUF (``write_lora_gguf``) and check it.
+
+    The check merges the adapter into the base and writes the base as F16 GGUF, both in a
+    temporary directory beside ``target``, then compares base F16 + adapter in llama.cpp with
+    the merged model in transformers under the F16 gate (``check_unquantized``); a failure
+    removes ``target``. The table is printed and saved as ``<stem>.verify.json``.
+
+    Args:
+        persona: names the file (``general.name``) and supplies the text of the check.
+        base_dir: the base model directory the adapter was trained on.
+        adapter: the peft adapter directory.
+        target: the adapter ``.gguf``.
+        ui: ``step``, ``bar`` and ``verify(report)``, as in :func:`run`.
+        verify: the check's settings; None skips it.
+
+    Raises:
+        ExportError: the adapter does not fit the base, or base + adapter fails the check.
+    """
+    import tempfile
+
+    from molting.export import merge_adapter, write_gguf, write_lora_gguf
+
+    target = Path(target)
+    ui.step(f"Writing {persona.name}'s LoRA adapter as a llama.cpp adapter GGUF")
+    with ui.bar("LoRA adapter GGUF", None) as advance:
+        write_lora_gguf(adapter, base_dir, target, name=persona.name, progress=advance)
+    if verify is None:
+        return ExportResult(target, "LoRA", None)
     try:
-        quantize(f16, target, quant)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            merged = merge_adapter(base_dir, adapter, Path(tmp) / "merged")
+            ui.step("Writing the base as GGUF F16, for the check")
+            with ui.bar("GGUF F16 (base)", None) as advance:
+                base_gguf = write_gguf(base_dir, Path(tmp) / "base.F16.gguf", progress=advance)
+            checker = _Checker(persona, merged, ui, verify)
+            check_unquantized(checker.check(base_gguf, "F16 + LoRA", lora_path=target), verify)
+        checker.report.write_json(target.with_name(f"{target.name.removesuffix('.gguf')}.verify.json"))
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    ui.verify(checker.report)
+    return ExportResult(target, "LoRA", checker.report)
+
+
+def _stop_check(persona: Persona, result: ExportResult, ui, verify: VerifyConfig) -> None:
+    """The stop-and-leak test on the file the export keeps; a failure is reported, not raised."""
+    from molting.backends.llamacpp import LlamaCppBackend
+    from molting.eval import load_rubric
+
+    ui.step(f"Behaviour check: do {result.quant}'s answers stop by themselves, without template tokens?")
+    backend = LlamaCppBackend(result.path, n_ctx=2048, n_threads=verify.n_threads)
+    try:
+        stop = stop_and_leak(backend, persona, load_rubric(persona), verify.generation)
     finally:
-        if not keep_f16:
-            f16.unlink()
-    return target
+        backend.close()
+    result.check.get(result.quant).stop = stop
 
 
 def llama_cli_command(gguf: Path, generation: GenerationConfig) -> str:
@@ -196,9 +404,10 @@ def _write_modelfile(persona: Persona, gguf: Path, generation: GenerationConfig,
     )
 
 
-def _write_report(persona, config: RunConfig, record, results: dict, gguf: Path, out: Path) -> Path:
+def _write_report(persona, config: RunConfig, record, results: dict, export: ExportResult, out: Path) -> Path:
     from molting.run_report import run_report
 
+    gguf = export.path
     text = run_report(
         persona=persona,
         train_config=asdict(config.train),
@@ -207,6 +416,7 @@ def _write_report(persona, config: RunConfig, record, results: dict, gguf: Path,
         results=results,
         gguf=gguf,
         llama_cli=llama_cli_command(gguf, config.generation),
+        check=export.check,
     )
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")

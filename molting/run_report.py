@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def run_report(
-    *, persona, train_config: dict, generation: dict, record, results: dict, gguf: Path, llama_cli: str
+    *, persona, train_config: dict, generation: dict, record, results: dict, gguf: Path, llama_cli: str, check=None
 ) -> str:
     """Render the run report.
 
@@ -17,6 +17,7 @@ def run_report(
         results: label -> RubricResult, in column order (base, fine-tuned, GGUF).
         gguf: the exported file.
         llama_cli: the command that chats with it.
+        check: the export's VerifyReport (``molting.export.verify``), or None when it was skipped.
     """
     from molting.eval.report import compare, reasons_section, rubric_table
 
@@ -34,7 +35,7 @@ def run_report(
     for before, after in zip(labels, labels[1:], strict=False):
         parts += [f"### {after} vs {before}\n", compare(results[before], results[after]).to_markdown(), ""]
     parts += [f"## Answers: {label}\n\n{reasons_section(results[label])}" for label in labels]
-    parts += [_how_to_run(gguf, llama_cli)]
+    parts += [_export_check(check), _how_to_run(gguf, llama_cli)]
     return "\n".join(parts) + "\n"
 
 
@@ -105,6 +106,12 @@ def _decoding(generation: dict) -> str:
     return (
         f"{mode}, repetition_penalty {generation['repetition_penalty']}, max_new_tokens {generation['max_new_tokens']}"
     )
+
+
+def _export_check(check) -> str:
+    if check is None:
+        return "## Export check\n\nSkipped (`--no-verify`).\n"
+    return "## Export check\n\n" + check.to_markdown()
 
 
 def _how_to_run(gguf: Path, llama_cli: str) -> str:

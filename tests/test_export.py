@@ -48,9 +48,9 @@ def hf_logits(model_dir, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
-    """llama.cpp's logits for every position, shape (len(ids), vocab)."""
-    with llama(path, logits_all=True) as llm:
+def llama_cpp_logits(path, ids: list[int], **kwargs) -> np.ndarray:
+    """llama.cpp's logits for every position, shape (len(ids), vocab); ``kwargs`` go to ``Llama``."""
+    with llama(path, logits_all=True, **kwargs) as llm:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)])
 
@@ -195,8 +195,10 @@ def test_end_of_turn_is_the_templates(tmp_path, tiny_tokenizer):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
 def test_quantized_model_loads_and_generates(tmp_path, tiny_llama_256_dir, tiny_tokenizer, qtype):
     f16 = write_gguf(tiny_llama_256_dir, tmp_path / "m-f16.gguf", outtype="f16")
-    path = quantize(f16, tmp_path / f"m-{qtype}.gguf", qtype, n_threads=2)
+    calls = []
+    path = quantize(f16, tmp_path / f"m-{qtype}.gguf", qtype, n_threads=2, progress=lambda *a: calls.append(a))
     reader = gguf.GGUFReader(path)
+    assert calls == [(i, len(reader.tensors)) for i in range(1, len(reader.tensors) + 1)]  # one call per tensor
     assert field(reader, "general.file_type") == getattr(llama_cpp, QUANT_TYPES[qtype])
     block_type = {"Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_K_M": gguf.GGMLQuantizationType.Q4_K}[qtype]
     assert {t.name: t.tensor_type for t in reader.tensors}["blk.0.attn_q.weight"] == block_type
@@ -320,3 +322,16 @@ def test_an_interrupt_during_quantization_waits_for_llama_cpp_then_propagates():
         _in_worker_thread(native_call)
     assert finished == [True]
     assert _in_worker_thread(lambda a, b: a + b, 2, 3) == 5
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header"])
+def test_corrupt_safetensors_named_and_no_file(tmp_path, tiny_llama_dir, damage):
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    weights = model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(
+        data[: len(data) - 1000] if damage == "truncated" else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......"
+    )
+    with pytest.raises(ExportError, match=re.escape(str(weights))):
+        write_gguf(model_dir, tmp_path / "out" / "m.gguf")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

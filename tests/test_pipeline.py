@@ -28,6 +28,10 @@ class SilentUI:
     def budget(self, report):
         self.steps.append(f"budget {report.summary()['examples']} examples")
 
+    def verify(self, report):
+        self.steps.append(f"verify {[f.quant for f in report.files]}")
+        self.check = report
+
 
 def make_persona(tmp_path):
     spec = {
@@ -81,6 +85,12 @@ def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
     assert 'SYSTEM """Você é o Cláudio, IA da Softtor."""' in (out / "Modelfile").read_text()
     assert ui.steps.index("budget 4 examples") < next(i for i, s in enumerate(ui.steps) if "Training" in s)
     assert any("Quantizing" in s for s in ui.steps) and "table GGUF Q8_0" in ui.steps
+    # the export's behaviour check: printed, saved beside the file, and in the report
+    assert "verify ['F16', 'Q8_0']" in ui.steps
+    assert result.check.get("F16").top1 >= 0.99 and result.check.get("Q8_0").stop.replies == 2
+    saved = json.loads((out / "claudio.Q8_0.verify.json").read_text())
+    assert [f["quant"] for f in saved["files"]] == ["F16", "Q8_0"]
+    assert "## Export check" in report and result.check.to_markdown() in report
 
 
 def test_llama_cli_command_carries_the_decoding():
@@ -107,6 +117,7 @@ def test_cli_export_writes_only_the_quantized_gguf(tiny_llama_256_dir, tmp_path)
     args = ["export", str(tmp_path / "persona"), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]
     result = CliRunner().invoke(app, [*args, "--quant", "Q8_0", "--base", str(tiny_llama_256_dir)])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.parent.iterdir()) == ["claudio.Q8_0.gguf"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["claudio.Q8_0.gguf", "claudio.Q8_0.verify.json"]
+    assert "same top-1" in result.output
     prompt = gguf.GGUFReader(out).fields["molting.system_prompt"]
     assert bytes(prompt.parts[prompt.data[0]]).decode() == "Você é o Cláudio, IA da Softtor."

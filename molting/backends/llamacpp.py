@@ -107,13 +107,22 @@ class LlamaCppBackend(Backend):
     def _open(self, **params) -> llama_cpp.Llama:
         """``llama_cpp.Llama`` on the checked file; its ValueError becomes an error naming the file."""
         try:
-            return llama_cpp.Llama(model_path=str(self.model_path), verbose=False, **params)
+            llm = llama_cpp.Llama(model_path=str(self.model_path), verbose=False, **params)
         except ValueError as exc:
             if params["lora_path"] and "LoRA" in str(exc):
                 raise ConfigError(f"{params['lora_path']}: llama.cpp refused the LoRA adapter ({exc})") from None
             raise ModelFileError(
                 self.model_path, f"llama.cpp could not load this {self.info.architecture} GGUF ({exc})"
             ) from None
+        # llama-cpp-python 0.3.x checks the adapter handle with ``is None``, but a refused
+        # adapter comes back as a NULL pointer object: test its truth value instead.
+        if params["lora_path"] and not llm._lora_adapter:
+            llm.close()
+            raise ConfigError(
+                f"llama.cpp refused the adapter {params['lora_path']} for {self.model_path}: not a LoRA adapter "
+                "GGUF, or made for another base (`molting export --adapter-only` makes one)"
+            )
+        return llm
 
     def count_tokens(self, text: str | Sequence[Message]) -> int:
         """Tokens with the GGUF's tokenizer; see :meth:`Backend.count_tokens`."""

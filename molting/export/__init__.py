@@ -1,10 +1,12 @@
 """Export: merge a LoRA adapter, write GGUF, quantize with llama.cpp.
 
-``merge_adapter`` → ``write_gguf`` → ``quantize``; each writes its output atomically.
+``merge_adapter`` → ``write_gguf`` → ``quantize``, checked by ``molting.export.verify``;
+or the adapter alone for llama.cpp, ``write_lora_gguf``. Each writes its output atomically.
 """
 
+from molting.export.adapter import write_lora_gguf
 from molting.export.gguf import write_gguf
 from molting.export.merge import merge_adapter
 from molting.export.quantize import QUANT_TYPES, quantize
 
-__all__ = ["QUANT_TYPES", "merge_adapter", "quantize", "write_gguf"]
+__all__ = ["QUANT_TYPES", "merge_adapter", "quantize", "write_gguf", "write_lora_gguf"]

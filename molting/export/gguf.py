@@ -6,10 +6,12 @@ The file layout, key names and tensor names are the GGUF spec's
 one custom key, ``molting.system_prompt``. Each architecture is a small class in
 ``molting.export.architectures``, looked up by ``config.architectures[0]``.
 
-Weights are streamed: one pass over the safetensors files collects tensor shapes for
-the header, a second pass converts and writes one tensor at a time, so no more than
-one tensor is held in memory beside the memory-mapped files. The output is written
-to a temporary sibling and renamed at the end (``molting.io.atomic_path``).
+Weights are streamed in two passes over the architecture's tensor generator. The first
+feeds it zero-stride placeholders of the shapes in the safetensors headers (no weight
+is read) to learn the GGUF header; the second maps one tensor at a time (gguf-py's
+``SafetensorsLocal``, as llama.cpp's converter reads), converts it, writes it and unmaps
+it, so resident memory holds one tensor at a time, not the whole file. The output is
+written to a temporary sibling and renamed at the end (``molting.io.atomic_path``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ OUTTYPES = {
     "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
 }
 SYSTEM_PROMPT_KEY = "molting.system_prompt"
+
+# safetensors dtype -> numpy dtype read from the file; BF16 is widened to F32 by bit shift.
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 Progress = Callable[[int, int], None]
 
@@ -98,7 +103,7 @@ def write_gguf(
             arch.set_params(writer, config)
             add_tokenizer(writer, tokenizer, model_dir, config.vocab_size, tokenizer_pre, template)
             writer.add_chat_template(with_system_prompt(template, system_prompt))
-            _write_tensors(writer, lambda: _all_tensors(arch, files, config, dtype), progress)
+            _write_tensors(writer, lambda data: _all_tensors(arch, files, config, dtype, data), progress)
         finally:
             writer.close()
     return out_path
@@ -144,63 +149,105 @@ def _check_safetensors(files: list[Path]) -> None:
     Raises:
         ExportError: a file is missing, or its header cannot be read (garbage, truncated).
     """
-    from safetensors import SafetensorError, safe_open
-
     for path in files:
         if not path.is_file():
             raise ExportError(f"{path}: missing (named by the model's safetensors index)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                f.keys()
-        except (SafetensorError, OSError) as exc:
-            raise ExportError(f"{path}: not a readable safetensors file ({exc})") from None
+    for _ in read_safetensors(files, data=False):
+        pass
 
 
-def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """``(hf_name, float32 array)`` for every tensor, one tensor loaded at a time."""
-    import torch
-    from safetensors import safe_open
+def read_safetensors(files: list[Path], data: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """``(hf_name, float32 array)`` for every tensor of ``files``, in name order.
+
+    Args:
+        files: safetensors files.
+        data: False yields read-only zero-stride placeholders of each tensor's shape
+            (nothing is read from disk); True maps each tensor's bytes on its own and
+            converts them, so the mapping is released with the array.
+
+    Raises:
+        ExportError: a file that is not safetensors or is cut short, or a dtype other
+            than F32/F16/BF16.
+    """
+    from gguf.utility import SafetensorsLocal
 
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                yield key, f.get_tensor(key).to(torch.float32).numpy()
+        try:
+            tensors = SafetensorsLocal(path).tensors
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ExportError(f"{path}: not a readable safetensors file ({exc})") from None
+        size = path.stat().st_size
+        for name, tensor in tensors.items():
+            if tensor.dtype not in SAFETENSORS_DTYPES:
+                raise ExportError(f"{path}: tensor {name!r} is {tensor.dtype}; supported: {sorted(SAFETENSORS_DTYPES)}")
+            expected = int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[tensor.dtype]).itemsize
+            end = tensor.data_range.offset + tensor.data_range.size
+            if tensor.data_range.size != expected or end > size:
+                raise ExportError(f"{path}: tensor {name!r} lies outside the file or has the wrong size (corrupt?)")
+            if data:
+                yield name, _to_float32(tensor)
+            else:
+                yield name, np.broadcast_to(np.float32(0), tensor.shape)
 
 
-def _all_tensors(arch: Architecture, files: list[Path], config: Any, dtype: type) -> Iterator[tuple[str, np.ndarray]]:
-    """The converted weights, then the architecture's tensors made from the config (F32)."""
-    yield from _converted(arch, files, config, dtype)
+def _all_tensors(
+    arch: Architecture, files: list[Path], config: Any, dtype: type, data: bool = True
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The converted weights, then the architecture's tensors made from the config (F32, small)."""
+    yield from _converted(arch, files, config, dtype, data)
     for name, array in arch.extra_tensors(config):
         yield name, np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _converted(arch: Architecture, files: list[Path], config: Any, dtype: type) -> Iterator[tuple[str, np.ndarray]]:
-    """The architecture's GGUF tensors, matrices cast to ``dtype``, 1-D tensors F32."""
-    for name, array in arch.tensors(_read_safetensors(files), config):
+def _to_float32(tensor: Any) -> np.ndarray:
+    """One ``gguf.utility.LocalTensor`` as a float32 array.
+
+    F32 data stays a copy-on-write view of its own mapping (no copy), unmapped when the
+    array is dropped; F16 and BF16 are converted into a new array.
+    """
+    values = tensor.mmap_bytes().view(SAFETENSORS_DTYPES[tensor.dtype]).reshape(tensor.shape)
+    if tensor.dtype == "BF16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32, copy=False)
+
+
+def _converted(
+    arch: Architecture, files: list[Path], config: Any, dtype: type, data: bool = True
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The architecture's GGUF tensors, matrices cast to ``dtype``, 1-D tensors F32.
+
+    With ``data=False`` the arrays are placeholders of the right shape and dtype
+    (``read_safetensors``); nothing is read or converted.
+    """
+    for name, array in arch.tensors(read_safetensors(files, data), config):
         target = np.float32 if array.ndim <= 1 else dtype
-        yield name, np.ascontiguousarray(array, dtype=target)
+        if data:
+            yield name, np.ascontiguousarray(array, dtype=target)
+        else:
+            yield name, np.broadcast_to(np.zeros((), dtype=target), array.shape)
 
 
 def _write_tensors(
     writer: gguf.GGUFWriter,
-    tensors: Callable[[], Iterator[tuple[str, np.ndarray]]],
+    tensors: Callable[[bool], Iterator[tuple[str, np.ndarray]]],
     progress: Progress | None,
 ) -> None:
     """Write header, metadata and tensors, streaming: a shape pass, then a data pass.
 
     Args:
         writer: a GGUFWriter with all key/values added and no tensor yet.
-        tensors: returns a fresh generator of ``(gguf_name, array)`` each call.
+        tensors: ``tensors(data)`` returns a fresh generator of ``(gguf_name, array)``;
+            with ``data=False`` the arrays only need the right shape and dtype.
         progress: ``progress(done, total)`` after each tensor written.
     """
     names = []
-    for name, array in tensors():
-        writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes)
+    for name, array in tensors(False):
+        writer.add_tensor_info(name, array.shape, array.dtype, array.size * array.dtype.itemsize)
         names.append(name)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for done, (name, array) in enumerate(tensors(), start=1):
+    for done, (name, array) in enumerate(tensors(True), start=1):
         if name != names[done - 1]:
             raise ExportError(f"tensor order changed between passes: {name!r} != {names[done - 1]!r}")
         writer.write_tensor_data(array)

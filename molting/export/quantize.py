@@ -30,6 +30,8 @@ GGML_LOG_LEVEL_WARN = 3
 GGML_LOG_LEVEL_ERROR = 4
 GGML_LOG_LEVEL_CONT = 5
 
+# llama.cpp's line per tensor (src/llama-quant.cpp): "[  12/ 272] blk.1.attn_q.weight - ..."
+_TENSOR_LINE = re.compile(r"^\[\s*(?P<done>\d+)/\s*(?P<total>\d+)\]")
 _FALLBACK = re.compile(
     r"ncols\s+(?P<ncols>\d+) not divisible by (?P<block>\d+) \(required for type\s+(?P<wanted>\w+)\)"
     r"\s*-> falling back to\s+(?P<used>\w+)"
@@ -58,6 +60,7 @@ def quantize(
     *,
     n_threads: int = 0,
     verbose: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Quantize ``in_path`` (an F32/F16 GGUF) to ``out_path`` with llama.cpp.
 
@@ -69,6 +72,7 @@ def quantize(
         verbose: print llama.cpp's whole log (every tensor). Otherwise tensors that fell
             back to another type are summed up in one warning on the ``molting.export.quantize``
             logger, and llama.cpp's errors go into the ExportError.
+        progress: called as ``progress(done, total)`` as llama.cpp starts each tensor (from its log).
 
     Returns:
         ``out_path`` as a Path.
@@ -87,7 +91,7 @@ def quantize(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[name])
     params.nthread = n_threads
-    with atomic_path(out_path) as tmp, _llama_log(echo=verbose) as log:
+    with atomic_path(out_path) as tmp, _llama_log(echo=verbose, progress=progress) as log:
         status = _in_worker_thread(
             llama_cpp.llama_model_quantize,
             str(in_path).encode("utf-8"),
@@ -150,11 +154,14 @@ def fallback_summary(log: str) -> str:
 
 
 @contextlib.contextmanager
-def _llama_log(echo: bool = False) -> Iterator[list[tuple[int, str]]]:
+def _llama_log(
+    echo: bool = False, progress: Callable[[int, int], None] | None = None
+) -> Iterator[list[tuple[int, str]]]:
     """Collect llama.cpp's log as ``(ggml level, text)`` pairs while inside.
 
     Continuation pieces (``GGML_LOG_LEVEL_CONT``) take the level of the message they
-    continue. ``echo`` also prints everything to stderr. llama-cpp-python's own handler
+    continue. ``echo`` also prints everything to stderr. ``progress(done, total)`` is
+    called for each of the quantizer's per-tensor lines. llama-cpp-python's own handler
     is put back on exit.
     """
     import sys
@@ -169,6 +176,9 @@ def _llama_log(echo: bool = False) -> Iterator[list[tuple[int, str]]]:
         if level == GGML_LOG_LEVEL_CONT and log:
             level = log[-1][0]
         log.append((level, text.decode("utf-8", errors="replace")))
+        found = _TENSOR_LINE.match(log[-1][1]) if progress is not None else None
+        if found:
+            progress(int(found["done"]), int(found["total"]))
         if echo:
             print(log[-1][1], end="", file=sys.stderr, flush=True)
 

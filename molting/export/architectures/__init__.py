@@ -6,7 +6,10 @@ An architecture is a small flat class (see ``llama.py``) with:
 - ``set_params(writer, config)``: the architecture's hyperparameter keys;
 - ``tensors(state, config)``: a generator of ``(gguf_name, np.ndarray)`` pairs from
   ``(hf_name, np.ndarray)`` pairs, exactly one output per input weight it keeps (fused
-  projections stay fused), so the same mapping names LoRA matrices;
+  projections stay fused), so the same mapping names LoRA matrices. The writer runs it
+  twice: first on read-only zero-stride placeholders (for the header: only names and
+  shapes may come out of it, so it must not branch on values or write into its inputs),
+  then on the weights;
 - ``extra_tensors(config)``: tensors made from the config rather than the weights
   (Phi-3's long/short RoPE factors), written after the weights; usually none.
 
