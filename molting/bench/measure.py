@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from molting.errors import ConfigError
+
 ENGINES = ("transformers", "llama.cpp", "llama.cpp raw")
 MIB = 2**20
 FILLER = (
@@ -203,6 +205,9 @@ def prompt_messages(count, n_prompt: int) -> list[dict]:
     Returns:
         The longest prefix of a repeated filler text (cut at a character, then the
         instruction to continue) whose chat is at most ``n_prompt`` tokens.
+
+    Raises:
+        ConfigError: the chat without filler is already longer than ``n_prompt``.
     """
     text = FILLER * (n_prompt // 8 + 1)
 
@@ -210,6 +215,10 @@ def prompt_messages(count, n_prompt: int) -> list[dict]:
         return [{"role": "user", "content": text[:n_chars] + INSTRUCTION}]
 
     low, high = 0, len(text)
+    if count(chat(0)) > n_prompt:
+        raise ConfigError(
+            f"n_prompt={n_prompt} is shorter than the chat template and instruction ({count(chat(0))} tokens)"
+        )
     while count(chat(high)) < n_prompt:  # a tokenizer with more than 8 characters a token
         text += FILLER * (n_prompt // 8 + 1)
         high = len(text)
