@@ -373,22 +373,21 @@ def _fit_table(result) -> Table:
     from molting.fit import MIB
 
     s = result.shape
-    table = Table(title=f"{s.name}: {s.n_layer} layers, n_ctx {result.n_ctx}, VRAM {result.vram / MIB:.0f} MiB")
-    for column in ("quant", "KV", "weights", "KV cache", "compute", "VRAM, all layers", "fits", "VRAM", "RAM"):
+    title = f"{s.name}: {s.n_layer} layers, n_ctx {result.n_ctx}, VRAM {result.vram / MIB:.0f} MiB (figures in MiB)"
+    table = Table(title=title)
+    for column in ("quant", "KV", "weights", "KV cache", "compute", "VRAM all layers", "n_gpu_layers", "VRAM", "RAM"):
         table.add_column(column, justify="left" if column in ("quant", "KV") else "right")
     for o in result.options:
         full = result.full(o.quant, o.kv_type)
         mark = "[bold green]" if o == result.best else ""
+        sizes = (full.weights, full.kv_gpu + full.kv_cpu, full.compute_gpu, full.vram)
         table.add_row(
             f"{mark}{o.quant}",
             o.kv_type,
-            f"{full.weights / MIB:.0f} MiB",
-            f"{(full.kv_gpu + full.kv_cpu) / MIB:.0f} MiB",
-            f"{full.compute_gpu / MIB:.0f} MiB",
-            f"{full.vram / MIB:.0f} MiB",
+            *(f"{b / MIB:.0f}" for b in sizes),
             f"{o.n_gpu_layers}/{s.n_layer + 1}",
-            f"{o.vram / MIB:.0f} MiB",
-            f"{o.ram / MIB:.0f} MiB",
+            f"{o.vram / MIB:.0f}",
+            f"{o.ram / MIB:.0f}",
         )
     return table
 

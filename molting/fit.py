@@ -17,7 +17,13 @@ llama.cpp allocates, split between the GPU and the CPU by ``n_gpu_layers``:
   attention scores ``n_head x n_ctx x n_ubatch`` f32 without flash attention, the logits
   ``n_vocab x n_ubatch`` f32, the feed-forward activations; see :func:`compute_bytes`;
 - the host: the process itself (Python, llama-cpp-python, ggml: ``HOST_BASE_BYTES``), the
-  logits output buffer; on a GPU, ``reserve`` for the CUDA context and allocator pools.
+  tokenizer's tables (``TOKENIZER_BYTES`` per token and merge), the logits output buffer;
+  on a GPU, ``reserve`` for the CUDA context and allocator pools.
+
+VRAM counts buffers as allocated. Resident CPU memory (``Estimate.ram``) counts what is
+touched: every weight of a memory-mapped file that the CPU computes with, the whole KV
+cache (llama.cpp clears it), and of the compute buffer only the graph of the longest
+prompt actually evaluated (``n_prompt``), with logits for its last token.
 
 Layer placement is llama.cpp's: ``n_gpu_layers = k`` offloads the last ``k`` repeating
 layers with their KV cache; ``k = n_layer + 1`` (or -1) also offloads the output layer;
@@ -41,6 +47,9 @@ N_UBATCH = 512  # llama.cpp's default physical batch
 # Resident memory of a Python process that has imported llama_cpp and numpy, before a model
 # is loaded: 48-50 MiB measured on this project's CPU machine (benchmarks/RESULTS.md).
 HOST_BASE_BYTES = 50 * MIB
+# llama.cpp's vocabulary and merge tables in memory, per entry: 16.6 MiB measured for
+# SmolLM2's 49152 tokens and 48900 merges (RSS growth while loading, beyond the tensors).
+TOKENIZER_BYTES = 178
 # VRAM that llama.cpp's buffers cannot use: the CUDA context, cuBLAS workspace and the
 # allocator's pools (nvidia-smi shows 250-500 MiB per process beyond the buffers).
 DEFAULT_RESERVE_BYTES = 512 * MIB
@@ -125,6 +134,7 @@ class ModelShape:
         n_ctx_train: the context it was trained for, in tokens.
         tensors: every weight tensor.
         file_type: the GGUF's own quantization (``Q4_K_M``) when read from a file, else None.
+        n_merges: BPE merges in the GGUF's tokenizer; None from a config (then ``n_vocab`` is assumed).
     """
 
     name: str
@@ -139,6 +149,7 @@ class ModelShape:
     n_ctx_train: int
     tensors: tuple[Tensor, ...] = field(repr=False)
     file_type: str | None = None
+    n_merges: int | None = None
 
     @property
     def tied(self) -> bool:
@@ -238,6 +249,7 @@ def shape_from_gguf(path: Path) -> ModelShape:
     except Exception as exc:  # noqa: BLE001 - gguf raises ValueError, struct.error, ... on bad files
         raise ConfigError(f"{path}: not a readable GGUF file ({exc})") from None
     fields = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("tokenizer.")}
+    merges = reader.get_field("tokenizer.ggml.merges")
     arch = fields["general.architecture"]
     n_head = fields[f"{arch}.attention.head_count"]
     n_embd = fields[f"{arch}.embedding_length"]
@@ -259,6 +271,7 @@ def shape_from_gguf(path: Path) -> ModelShape:
         n_ctx_train=fields.get(f"{arch}.context_length", 0),
         tensors=tensors,
         file_type=gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None,
+        n_merges=len(merges.data) if merges is not None else 0,
     )
 
 
@@ -340,8 +353,9 @@ class Estimate:
             from 0 to ``n_layer + 1``; ``n_layer + 1`` includes the output layer).
         weights_gpu, weights_cpu: tensor bytes on each device.
         kv_gpu, kv_cpu: KV cache bytes on each device.
-        compute_gpu, compute_cpu: compute buffers (``compute_cpu`` also holds the output buffer).
-        host_base: the process before loading (``HOST_BASE_BYTES``).
+        compute_gpu: the GPU compute buffer as reserved.
+        compute_cpu: the CPU compute buffer's resident part (see the module docstring) and the output buffer.
+        host_base: the process before loading (``HOST_BASE_BYTES``) and the tokenizer's tables.
         reserve: VRAM kept for the CUDA context and pools; 0 when nothing is offloaded.
     """
 
@@ -383,6 +397,7 @@ def estimate(
     flash_attn: bool | None = None,
     n_ubatch: int = N_UBATCH,
     reserve: int = DEFAULT_RESERVE_BYTES,
+    n_prompt: int | None = None,
 ) -> Estimate:
     """Memory of ``shape`` at ``quant`` and ``n_ctx`` with ``n_gpu_layers`` offloaded.
 
@@ -395,6 +410,8 @@ def estimate(
         flash_attn: default: on exactly when ``kv_type`` is quantized (llama.cpp needs it then).
         n_ubatch: physical batch, tokens.
         reserve: VRAM for the CUDA context and pools, bytes; counted when a layer is offloaded.
+        n_prompt: the longest prompt evaluated at once, tokens (for resident CPU memory);
+            default ``n_ctx``.
 
     Raises:
         ConfigError: a quantized V cache without flash attention, or an out-of-range value.
@@ -417,6 +434,11 @@ def estimate(
     n_kv_gpu = min(ngl, shape.n_layer)
     compute = compute_bytes(shape, n_ctx, flash_attn, n_ubatch)
     output = shape.n_vocab * 4  # logits of the last token, host memory
+    if ngl <= shape.n_layer:  # some layer computes on the CPU
+        touched = resident_compute_bytes(shape, min(n_prompt or n_ctx, n_ctx), flash_attn, n_ubatch)
+    else:
+        touched = 4 * shape.n_embd * n_ubatch  # the embedding lookup only
+    tokenizer = TOKENIZER_BYTES * (shape.n_vocab + (shape.n_vocab if shape.n_merges is None else shape.n_merges))
     return Estimate(
         quant=quant,
         kv_type=kv_type,
@@ -428,8 +450,8 @@ def estimate(
         kv_gpu=kv_layer * n_kv_gpu,
         kv_cpu=kv_layer * (shape.n_layer - n_kv_gpu),
         compute_gpu=compute if ngl else 0,
-        compute_cpu=(compute if ngl <= shape.n_layer else _host_compute(shape, n_ubatch)) + output,
-        host_base=HOST_BASE_BYTES,
+        compute_cpu=touched + output,
+        host_base=HOST_BASE_BYTES + tokenizer,
         reserve=reserve if ngl else 0,
     )
 
@@ -455,26 +477,39 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_type: str = "f16") -> int:
 
 
 def compute_bytes(shape: ModelShape, n_ctx: int, flash_attn: bool = False, n_ubatch: int = N_UBATCH) -> int:
-    """llama.cpp's compute buffer for one ubatch against the full context, f32 activations.
+    """llama.cpp's compute buffer as it reserves it: one ubatch against the full context.
 
-    llama.cpp reserves the graph of ``n_tokens = min(n_ctx, n_ubatch)`` tokens attending to
-    all ``n_ctx`` cells, every token producing logits. Its peak is the largest of: the
-    attention scores (``n_head x n_ctx x n_tokens``; the softmax works in place; absent
-    with flash attention), the feed-forward's gate, up and product (``3 x n_ff x n_tokens``)
-    and the logits (``n_vocab x n_tokens``); plus the hidden states alive beside it
-    (``3 x n_embd x n_tokens``). Checked against llama.cpp's "compute buffer size" log
-    line (benchmarks/RESULTS.md).
+    The reserved graph has ``n_tokens = min(n_ctx, n_ubatch)`` tokens attending to all
+    ``n_ctx`` cells, every token producing logits; see :func:`graph_bytes`. Checked against
+    llama.cpp's "compute buffer size" log line (benchmarks/RESULTS.md).
     """
     n_tokens = min(n_ctx, n_ubatch)
-    attention = 0 if flash_attn else shape.n_head * n_ctx * n_tokens
+    return graph_bytes(shape, n_kv=n_ctx, n_tokens=n_tokens, n_outputs=n_tokens, flash_attn=flash_attn)
+
+
+def resident_compute_bytes(shape: ModelShape, n_prompt: int, flash_attn: bool = False, n_ubatch: int = N_UBATCH) -> int:
+    """The part of the CPU compute buffer a prompt of ``n_prompt`` tokens touches.
+
+    Its last ubatch attends to the cells used so far, which llama.cpp pads to 256, and
+    produces logits for one token; the rest of the malloc'ed buffer is never paged in.
+    """
+    n_tokens = min(n_prompt, n_ubatch)
+    n_kv = -(-n_prompt // 256) * 256
+    return graph_bytes(shape, n_kv=n_kv, n_tokens=n_tokens, n_outputs=1, flash_attn=flash_attn)
+
+
+def graph_bytes(shape: ModelShape, n_kv: int, n_tokens: int, n_outputs: int, flash_attn: bool = False) -> int:
+    """Peak f32 activations of one forward pass of ``n_tokens`` over ``n_kv`` cells, bytes.
+
+    The largest of: the attention scores (``n_head x n_kv x n_tokens``; the softmax works
+    in place; absent with flash attention), the feed-forward's gate, up and product
+    (``3 x n_ff x n_tokens``) and the logits (``n_vocab x n_outputs``); plus the hidden
+    states alive beside it (``3 x n_embd x n_tokens``).
+    """
+    attention = 0 if flash_attn else shape.n_head * n_kv * n_tokens
     feed_forward = 3 * shape.n_ff * n_tokens
-    logits = shape.n_vocab * n_tokens
+    logits = shape.n_vocab * n_outputs
     return 4 * (max(attention, feed_forward, logits) + 3 * shape.n_embd * n_tokens)
-
-
-def _host_compute(shape: ModelShape, n_ubatch: int) -> int:
-    """CPU compute buffer when every layer is offloaded: the embedding lookup's input and output."""
-    return 4 * shape.n_embd * n_ubatch
 
 
 # --- the plan -----------------------------------------------------------------------------------
