@@ -499,17 +499,19 @@ def resident_compute_bytes(shape: ModelShape, n_prompt: int, flash_attn: bool = 
 
 
 def graph_bytes(shape: ModelShape, n_kv: int, n_tokens: int, n_outputs: int, flash_attn: bool = False) -> int:
-    """Peak f32 activations of one forward pass of ``n_tokens`` over ``n_kv`` cells, bytes.
+    """Peak activations of one forward pass of ``n_tokens`` over ``n_kv`` cells, bytes.
 
-    The largest of: the attention scores (``n_head x n_kv x n_tokens``; the softmax works
-    in place; absent with flash attention), the feed-forward's gate, up and product
-    (``3 x n_ff x n_tokens``) and the logits (``n_vocab x n_outputs``); plus the hidden
-    states alive beside it (``3 x n_embd x n_tokens``).
+    The largest of: attention, its scores (``n_head x n_kv x n_tokens`` f32; the softmax
+    works in place; absent with flash attention) beside the mask (``n_kv x n_tokens``, f32,
+    f16 with flash attention); the feed-forward's gate, up and product (``3 x n_ff x n_tokens``
+    f32); the logits (``n_vocab x n_outputs`` f32). Plus the hidden states alive beside
+    it (``3 x n_embd x n_tokens`` f32).
     """
-    attention = 0 if flash_attn else shape.n_head * n_kv * n_tokens
-    feed_forward = 3 * shape.n_ff * n_tokens
-    logits = shape.n_vocab * n_outputs
-    return 4 * (max(attention, feed_forward, logits) + 3 * shape.n_embd * n_tokens)
+    scores = 0 if flash_attn else 4 * shape.n_head * n_kv * n_tokens
+    attention = scores + (2 if flash_attn else 4) * n_kv * n_tokens
+    feed_forward = 4 * 3 * shape.n_ff * n_tokens
+    logits = 4 * shape.n_vocab * n_outputs
+    return max(attention, feed_forward, logits) + 4 * 3 * shape.n_embd * n_tokens
 
 
 # --- the plan -----------------------------------------------------------------------------------

@@ -107,14 +107,18 @@ def test_types_match_llama_cpp_quantizer(tiny_llama_256_dir, tmp_path):
 
 
 def test_compute_buffer_matches_llama_cpp_log():
-    # llama.cpp 0.3.36 logged "CPU compute buffer size = 99.38 MiB" for SmolLM2-135M at n_ctx 2048:
-    # logits 49152 x 512 f32 and 3 hidden states 576 x 512 f32.
+    # llama-cpp-python 0.3.36 logged "CPU compute buffer size = 99.38 MiB" for SmolLM2-135M at
+    # n_ctx 2048: logits of 512 tokens (49152 x 512 f32) and 3 hidden states (576 x 512 f32).
     smol = fit.load_shape("smollm2-135m")
     assert fit.compute_bytes(smol, 2048) == 4 * (49152 * 512 + 3 * 576 * 512)
     assert round(fit.compute_bytes(smol, 2048) / MIB, 2) == 99.38
-    tinyllama = fit.load_shape("tinyllama-1.1b")  # attention scores dominate: 32 heads x 2048 x 512
-    assert fit.compute_bytes(tinyllama, 2048) == 4 * (32 * 2048 * 512 + 3 * 2048 * 512)
+    # TinyLlama: 32 heads' scores (32 x 2048 x 512 f32) and the mask (2048 x 512 f32) dominate;
+    # a 32-head random model logged 134.63 MiB (hidden 256: 1.5 MiB of hidden states).
+    tinyllama = fit.load_shape("tinyllama-1.1b")
+    assert fit.compute_bytes(tinyllama, 2048) == 4 * (32 * 2048 * 512 + 2048 * 512 + 3 * 2048 * 512)
     assert fit.compute_bytes(tinyllama, 2048, flash_attn=True) == 4 * (32000 * 512 + 3 * 2048 * 512)
+    # Resident on the CPU: a 512-token prompt's graph, its cells padded to 256, logits for one token.
+    assert fit.resident_compute_bytes(tinyllama, 300) == 4 * (32 * 512 * 300 + 512 * 300 + 3 * 2048 * 300)
 
 
 def test_layers_split_between_devices():
