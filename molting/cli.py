@@ -336,7 +336,7 @@ def bench(
         hint = " (an illegal instruction: try --no-repack)" if exc.returncode == -signal.SIGILL else ""
         console.print(f"[bold red]error:[/] a benchmark worker failed with status {exc.returncode}{hint}")
         raise typer.Exit(code=1) from None
-    console.print(report.table(result))
+    console.print(report.table(result), soft_wrap=True, markup=False)
     for line in result.skipped:
         console.print(f"[yellow]not measured:[/] {line}")
     console.print("wrote " + ", ".join(str(p) for p in report.write(result, out)))
