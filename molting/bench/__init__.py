@@ -218,7 +218,7 @@ def _rss_estimate(case: Case) -> float | None:
     if case.engine == "transformers" or case.job.n_gpu_layers != 0:
         return None
     shape = shape_from_gguf(Path(case.job.model))
-    return estimate(shape, shape.file_type, case.job.n_ctx, n_gpu_layers=0).ram / MIB
+    return estimate(shape, shape.file_type, case.job.n_ctx, n_gpu_layers=0, n_prompt=case.job.n_prompt).ram / MIB
 
 
 def _settings(config: BenchConfig) -> dict:
