@@ -157,3 +157,16 @@ def test_parse_size_and_bad_inputs(tmp_path):
         fit.load_shape(tmp_path / "bad.gguf")
     with pytest.raises(ConfigError, match="phi-3-mini"):
         fit.load_shape("gpt-17")
+
+
+def test_fit_command_prints_the_plan():
+    from typer.testing import CliRunner
+
+    from molting.cli import app
+
+    result = CliRunner().invoke(app, ["fit", "phi-3-mini", "--vram", "4GiB", "--ctx", "4096"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "best plan: Q4_K_M, n_gpu_layers=-1" in result.output and "KV cache q8_0" in result.output
+    assert "with an f16 KV cache (1536 MiB instead of 816 MiB)" in result.output
+    bad = CliRunner().invoke(app, ["fit", "phi-3-mini", "--vram", "4"])
+    assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output
