@@ -3,7 +3,8 @@
 :func:`bench` prepares the models (``molting.bench.models``: the embedded SmolLM2,
 random-weight stand-ins of reference configurations, their GGUFs), runs every
 :class:`~molting.bench.measure.Job` ``repeats`` times, each time in its own process
-(:func:`run_job`), and returns a :class:`Report`: the runs, their minimum and median, the
+(:func:`run_job`), in rounds (every case once, then again) so that the machine's load
+drifts alike over all engines, and returns a :class:`Report`: the runs, their minimum and median, the
 llama.cpp backend's decode speed as a ratio of raw llama.cpp's on the same file, and the
 fit planner's estimate of resident memory beside the measured peak.
 :func:`molting.bench.report.write` writes it as JSON, markdown and a PNG chart.
@@ -197,12 +198,13 @@ def bench(config: BenchConfig, progress: Callable[[str], None] = print) -> Repor
     cases, skipped = plan_cases(config, progress)
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="molting-bench-") as tmp:
-        for case in cases:
-            for i in range(config.repeats):
+        for i in range(config.repeats):  # rounds over the cases: a change of load hits every engine alike
+            for case in cases:
                 progress(f"{case.label}: run {i + 1}/{config.repeats}")
                 case.runs.append(run_job(case.job, Path(tmp)))
-            case.note = _note(case)
-            case.rss_estimate_mib = _rss_estimate(case)
+    for case in cases:
+        case.note = _note(case)
+        case.rss_estimate_mib = _rss_estimate(case)
     return Report(settings=_settings(config), machine=machine, cases=cases, skipped=skipped)
 
 
