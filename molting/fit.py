@@ -380,7 +380,11 @@ class Estimate:
 
     @property
     def ram(self) -> int:
-        """Resident CPU memory of the process at its peak (weights memory-mapped and all read)."""
+        """Resident CPU memory of the process at its peak, running (weights memory-mapped and all read).
+
+        With layers offloaded, loading reads their weights from the mapped file too: the
+        peak RSS while loading can reach the file's size (not measured on a GPU yet).
+        """
         return self.host_base + self.weights_cpu + self.kv_cpu + self.compute_cpu
 
     @property
