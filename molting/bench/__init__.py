@@ -74,12 +74,17 @@ class Report:
     skipped: list[str] = field(default_factory=list)
 
     def raw_ratio(self, case: Case) -> float | None:
-        """Median decode tokens/s of a llama.cpp backend case / that of raw llama.cpp on the same file."""
+        """Decode tokens/s of a llama.cpp backend case over raw llama.cpp's on the same file.
+
+        The median of the ratios within each round (run ``i`` of both, adjacent in time, so
+        a shared machine's load drift cancels); None without a raw case or a decode figure.
+        """
         if case.engine != "llama.cpp":
             return None
         raw = next((c for c in self.cases if c.engine == "llama.cpp raw" and c.job.model == case.job.model), None)
-        mine, base = case.stat("decode_tok_s"), raw.stat("decode_tok_s") if raw else None
-        return mine / base if mine and base else None
+        pairs = zip(case.runs, raw.runs if raw else [], strict=False)
+        ratios = [a.decode_tok_s / b.decode_tok_s for a, b in pairs if a.decode_tok_s and b.decode_tok_s]
+        return statistics.median(ratios) if ratios else None
 
     def to_dict(self) -> dict:
         cases = [

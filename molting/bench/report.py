@@ -25,7 +25,8 @@ def table(report: Report) -> str:
     """Markdown: one row per case; each figure as ``median (best)`` over the runs.
 
     Columns without a value in any case (VRAM on a CPU) are left out. ``vs raw`` is the
-    llama.cpp backend's median decode tokens/s over raw llama.cpp's on the same file;
+    llama.cpp backend's decode tokens/s over raw llama.cpp's on the same file (median of
+    the per-round ratios, ``Report.raw_ratio``);
     ``RSS estimate`` is the fit planner's, with its error against the median peak RSS.
     """
     columns = [c for c in COLUMNS if any(case.stat(c[1]) is not None for case in report.cases)]
