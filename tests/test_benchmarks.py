@@ -93,3 +93,12 @@ def test_script_is_a_thin_caller():
     finally:
         sys.modules.pop(spec.name, None)
     assert BENCHMARK.read_text().count("\n") < 50 and module.DEFAULT_OUT.name == "backends"
+
+
+def test_unexportable_reference_model_is_skipped_before_building(tmp_path):
+    from molting.bench import plan_cases
+
+    config = BenchConfig(models=("phi-3-mini",), engines=("llama.cpp",), cache=tmp_path)
+    cases, skipped = plan_cases(config, progress=lambda line: None)
+    assert cases == [] and len(skipped) == 1 and "Phi3ForCausalLM" in skipped[0]
+    assert list(tmp_path.iterdir()) == []  # nothing was built

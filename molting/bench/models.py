@@ -124,14 +124,18 @@ def gguf_file(name: str, quant: str, cache: Path, n_threads: int = 0) -> Path:
         n_threads: quantization threads; 0 = every core.
 
     Raises:
-        ConfigError: unknown model. ExportError: the architecture cannot be exported yet.
+        ConfigError: unknown model. ExportError: the architecture cannot be exported yet
+            (checked before a reference model is built).
     """
     from molting.export import quantize, write_gguf
+    from molting.export.architectures import get_architecture
 
     slug = Path(name).name
     target = Path(cache) / f"{slug}.{quant.upper()}.gguf"
     if target.is_file():
         return target
+    if name in REFERENCE_CONFIGS:  # fail before building gigabytes of random weights
+        get_architecture(reference_config(name)["architectures"][0])
     source = model_dir(name, cache)
     f16 = Path(cache) / f"{slug}.F16.gguf"
     if not f16.is_file():
