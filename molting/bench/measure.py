@@ -340,7 +340,8 @@ class VramMeter:
         import pynvml
 
         pynvml.nvmlInit()
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]))
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # NVML counts physical devices
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
         self.device = f"cuda ({pynvml.nvmlDeviceGetName(self._handle)})"
         self.peak_mib = 0.0
         self._thread = threading.Thread(target=self._sample, daemon=True)
