@@ -377,6 +377,121 @@ def run_all(
     console.print(f"report:  {result.report}\nadapter: {result.adapter}\nGGUF:    {result.gguf}")
 
 
+@app.command()
+def bench(
+    model: Annotated[
+        list[str], typer.Option(help="embedded name, reference name (random weights) or model directory")
+    ] = None,
+    engine: Annotated[list[str], typer.Option(help="transformers, llama.cpp, 'llama.cpp raw' [default: all]")] = None,
+    quant: Annotated[list[str], typer.Option(help="GGUF quantizations for llama.cpp")] = None,
+    dtype: Annotated[str, typer.Option(help="transformers weights: fp32, bf16 or 4bit")] = "fp32",
+    repeats: Annotated[int, typer.Option(help="runs per case, each in a fresh process")] = 3,
+    n_prompt: Annotated[int, typer.Option(help="prompt tokens")] = 512,
+    n_new: Annotated[int, typer.Option(help="tokens to generate")] = 128,
+    n_ctx: Annotated[int, typer.Option(help="llama.cpp context window")] = 2048,
+    threads: Annotated[int, typer.Option(help="CPU threads for every engine [default: engine defaults]")] = None,
+    n_gpu_layers: Annotated[int, typer.Option(help="llama.cpp layers on the GPU (-1 = all)")] = 0,
+    repack: Annotated[
+        bool, typer.Option(help="llama.cpp's CPU weight repacking (AMX, Q4_K x8); --no-repack where it traps")
+    ] = True,
+    cache: Annotated[Path, typer.Option(help="where built models and GGUFs are kept")] = None,
+    out: Annotated[Path, typer.Option(help="report path without suffix: .md, .json and .png are written")] = Path(
+        "benchmarks/reports/bench"
+    ),
+) -> None:
+    """Measure load time, memory, TTFT, prefill and decode speed of every engine x model x quantization."""
+    import subprocess
+
+    from molting.bench import BenchConfig, report
+    from molting.bench import bench as run_bench
+
+    options = dict(
+        dtype=dtype,
+        repeats=repeats,
+        n_prompt=n_prompt,
+        n_new=n_new,
+        n_ctx=n_ctx,
+        threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        repack=repack,
+    )
+    optional = dict(models=model, engines=engine, quants=quant, cache=cache)
+    config = BenchConfig(**options, **{k: tuple(v) if isinstance(v, list) else v for k, v in optional.items() if v})
+    try:
+        result = run_bench(config, progress=lambda line: console.print(f"[dim]{line}"))
+    except MoltingError as exc:
+        _fail(exc)
+    except subprocess.CalledProcessError as exc:
+        hint = " (an illegal instruction: try --no-repack)" if exc.returncode == -signal.SIGILL else ""
+        console.print(f"[bold red]error:[/] a benchmark worker failed with status {exc.returncode}{hint}")
+        raise typer.Exit(code=1) from None
+    console.print(report.table(result), soft_wrap=True, markup=False)
+    for line in result.skipped:
+        console.print(f"[yellow]not measured:[/] {line}")
+    console.print("wrote " + ", ".join(str(p) for p in report.write(result, out)))
+
+
+@app.command()
+def fit(
+    model: Annotated[
+        str, typer.Argument(help="GGUF file, model directory, or phi-3-mini / tinyllama-1.1b / smollm2-135m")
+    ],
+    vram: Annotated[str, typer.Option(help="GPU memory, e.g. 4GiB")] = "4GiB",
+    ctx: Annotated[int, typer.Option(help="context window n_ctx, tokens")] = 2048,
+    reserve: Annotated[str, typer.Option(help="VRAM for the CUDA context and pools")] = "512MiB",
+    layers: Annotated[bool, typer.Option(help="also print every n_gpu_layers of the best plan")] = False,
+) -> None:
+    """Estimate llama.cpp's memory per quantization, KV cache type and offloaded layers; print the best plan."""
+    from molting import fit as planner
+
+    try:
+        shape = planner.load_shape(model)
+        result = planner.plan(shape, planner.parse_size(vram), ctx, reserve=planner.parse_size(reserve))
+    except MoltingError as exc:
+        _fail(exc)
+    console.print(_fit_table(result))
+    for line in planner.describe(result):
+        console.print(line)
+    if layers and result.best is not None:
+        best = result.best
+        rows = planner.layer_table(shape, best.quant, best.kv_type, ctx, best.reserve or planner.parse_size(reserve))
+        console.print(_layers_table(rows))
+
+
+def _fit_table(result) -> Table:
+    from molting.fit import MIB
+
+    s = result.shape
+    title = f"{s.name}: {s.n_layer} layers, n_ctx {result.n_ctx}, VRAM {result.vram / MIB:.0f} MiB (figures in MiB)"
+    table = Table(title=title)
+    for column in ("quant", "KV", "weights", "KV cache", "compute", "VRAM all layers", "n_gpu_layers", "VRAM", "RAM"):
+        table.add_column(column, justify="left" if column in ("quant", "KV") else "right")
+    for o in result.options:
+        full = result.full(o.quant, o.kv_type)
+        mark = "[bold green]" if o == result.best else ""
+        sizes = (full.weights, full.kv_gpu + full.kv_cpu, full.compute_gpu, full.vram)
+        table.add_row(
+            f"{mark}{o.quant}",
+            o.kv_type,
+            *(f"{b / MIB:.0f}" for b in sizes),
+            f"{o.n_gpu_layers}/{s.n_layer + 1}",
+            f"{o.vram / MIB:.0f}",
+            f"{o.ram / MIB:.0f}",
+        )
+    return table
+
+
+def _layers_table(rows) -> Table:
+    from molting.fit import MIB
+
+    table = Table(title=f"{rows[0].quant}, KV {rows[0].kv_type}: every n_gpu_layers")
+    for column in ("n_gpu_layers", "VRAM", "RAM"):
+        table.add_column(column, justify="right")
+    for e in rows:
+        table.add_row(str(e.n_gpu_layers), f"{e.vram / MIB:.0f} MiB", f"{e.ram / MIB:.0f} MiB")
+    return table
+
+
 def exit_on_sigterm() -> None:
     """Turn SIGTERM (``kill``, a job scheduler, a container stop) into SystemExit(143).
 

@@ -97,3 +97,76 @@ def import_gguf(gguf_path: Path, target: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
     return target
+
+
+# Exact configurations (config.json) of models users bring, for the fit planner and for
+# random-weight benchmark models: TinyLlama/TinyLlama-1.1B-Chat-v1.0 and
+# microsoft/Phi-3-mini-4k-instruct as published on the Hugging Face Hub; SmolLM2-135M-Instruct
+# as the embedded GGUF describes it. Shapes only: no weights, nothing downloaded.
+REFERENCE_CONFIGS: dict[str, dict] = {
+    "tinyllama-1.1b": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "phi-3-mini": {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "vocab_size": 32064,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "original_max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "sliding_window": 2047,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 32000,
+        "pad_token_id": 32000,
+    },
+    "smollm2-135m": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 100000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+}
+
+
+def reference_config(name: str) -> dict:
+    """A copy of ``REFERENCE_CONFIGS[name]``.
+
+    Raises:
+        ConfigError: unknown name (the message lists the known ones).
+    """
+    if name not in REFERENCE_CONFIGS:
+        raise ConfigError(f"unknown reference model {name!r}; known: {sorted(REFERENCE_CONFIGS)}")
+    return json.loads(json.dumps(REFERENCE_CONFIGS[name]))

@@ -1,47 +1,104 @@
-"""The backends benchmark runs end to end on the tiny model; its numbers are not judged, only their shape."""
+"""molting bench runs end to end on the tiny model; its numbers are not judged, only their shape."""
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
 
+from molting.bench import BenchConfig, Case, Report, bench, report
+from molting.bench.measure import Job, prompt_messages
+from molting.errors import ConfigError
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "backends.py"
-MESSAGES = [{"role": "system", "content": "Você é o Cláudio."}, {"role": "user", "content": "Quem é você?"}]
+
+
+def test_prompt_is_fitted_to_the_token_count():
+    def count(messages):  # 4 characters a token, 10 tokens of template
+        return 10 + len(messages[0]["content"]) // 4
+
+    messages = prompt_messages(count, 512)
+    assert count(messages) == 512 and messages[0]["role"] == "user"
+    with pytest.raises(ConfigError, match="n_prompt=12"):
+        prompt_messages(count, 12)
 
 
 @pytest.fixture(scope="module")
-def bench():
-    """benchmarks/backends.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("molting_bench_backends", BENCHMARK)
+def tiny_report(tiny_llama_dir, tmp_path_factory) -> Report:
+    """Every engine on the tiny model (F16 GGUF), one run each, each in its own process."""
+    config = BenchConfig(
+        models=(str(tiny_llama_dir),),
+        quants=("F16",),
+        repeats=1,
+        n_prompt=160,
+        n_new=4,
+        n_ctx=256,
+        threads=1,
+        repack=False,  # llama.cpp's AMX kernels trap on the project's CPU machine
+        cache=tmp_path_factory.mktemp("bench-cache"),
+    )
+    return bench(config, progress=lambda line: None)
+
+
+def test_every_engine_measured(tiny_report):
+    assert [c.engine for c in tiny_report.cases] == ["transformers", "llama.cpp", "llama.cpp raw"]
+    for case in tiny_report.cases:
+        (run,) = case.runs
+        assert run.peak_vram_mib is None and run.device == "cpu"  # CPU only
+        for metric in ("load_s", "rss_base_mib", "ttft_s", "prefill_tok_s"):
+            assert math.isfinite(getattr(run, metric)) and getattr(run, metric) > 0, (case.label, metric)
+        assert run.peak_rss_mib > run.rss_base_mib and 0 < run.ttft_s <= run.total_s
+        assert 150 <= run.prompt_tokens <= 160 and 1 <= run.completion_tokens <= 4
+    raw = tiny_report.cases[2].runs[0]
+    assert raw.prompt_tokens == 160 and raw.completion_tokens == 4  # raw ignores end-of-generation
+    assert raw.decode_tok_s > 0
+    assert tiny_report.cases[1].rss_estimate_mib > 0 and tiny_report.cases[0].rss_estimate_mib is None
+
+
+def test_report_files(tiny_report, tmp_path):
+    md, js, png = report.write(tiny_report, tmp_path / "bench")
+    table = report.table(tiny_report)
+    assert table.count("\n") == 4 and "peak VRAM" not in table  # header, rule, 3 cases; no GPU column
+    assert "| llama.cpp raw |" in table and "# molting bench" in md.read_text()
+    record = json.loads(js.read_text())
+    assert len(record["cases"]) == 3 and record["cases"][0]["summary"]["load_s_median"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ratio_to_raw_uses_the_same_file():
+    from molting.bench.measure import Run
+
+    def case(engine, model, decode_s):
+        run = Run(1.0, 50.0, 100.0, ttft_s=1.0, total_s=1.0 + decode_s, prompt_tokens=10, completion_tokens=11)
+        return Case("m", engine, "Q4_K_M", Job(engine, model), runs=[run])
+
+    mine, raw, other = (
+        case("llama.cpp", "a.gguf", 2.0),
+        case("llama.cpp raw", "a.gguf", 1.0),
+        case("llama.cpp raw", "b.gguf", 4.0),
+    )
+    result = Report(settings={}, machine={}, cases=[mine, other, raw])
+    assert result.raw_ratio(mine) == pytest.approx(0.5)
+    assert result.raw_ratio(raw) is None
+
+
+def test_script_is_a_thin_caller():
+    spec = importlib.util.spec_from_file_location("molting_bench_script", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert BENCHMARK.read_text().count("\n") < 50 and module.DEFAULT_OUT.name == "backends"
 
 
-def test_both_backends_measured_in_subprocesses(bench, tiny_llama_dir, tmp_path):
-    from molting.export import write_gguf
+def test_unexportable_reference_model_is_skipped_before_building(tmp_path):
+    from molting.bench import plan_cases
 
-    gguf = write_gguf(tiny_llama_dir, tmp_path / "tiny.F32.gguf", outtype="f32")
-    options = dict(prompts=[MESSAGES], max_new_tokens=4, repeats=1, threads=1, n_ctx=256)
-    jobs = [bench.Job("transformers", str(tiny_llama_dir), **options), bench.Job("llama.cpp", str(gguf), **options)]
-    results = {job.backend: bench.measure_in_subprocess(job, tmp_path) for job in jobs}
-
-    for name, result in results.items():
-        summary = result.summary()
-        assert result.backend == name and len(result.samples) == 1
-        assert summary["peak_vram_mib"] is None  # CPU only
-        for key in ("load_s", "rss_before_load_mib", "peak_rss_mib", "ttft_s", "prefill_tok_s", "prompt_tokens"):
-            assert math.isfinite(summary[key]) and summary[key] > 0, (name, key, summary[key])
-        assert summary["peak_rss_mib"] >= summary["rss_before_load_mib"]
-        sample = result.samples[0]
-        assert 0 < sample.ttft_s <= sample.total_s and 0 <= sample.completion_tokens <= 4
-        if sample.completion_tokens >= 2:
-            assert math.isfinite(summary["decode_tok_s"]) and summary["decode_tok_s"] > 0
-    assert results["transformers"].samples[0].prompt_tokens == results["llama.cpp"].samples[0].prompt_tokens
-
-    table = bench.results_table(results)
-    assert table.count("\n") >= 5 and "| peak RSS (MiB) |" in table and "peak VRAM" not in table
+    config = BenchConfig(models=("phi-3-mini",), engines=("llama.cpp",), cache=tmp_path)
+    cases, skipped = plan_cases(config, progress=lambda line: None)
+    assert cases == [] and len(skipped) == 1 and "Phi3ForCausalLM" in skipped[0]
+    assert list(tmp_path.iterdir()) == []  # nothing was built
