@@ -202,7 +202,8 @@ def sentencepiece_tokenizer(directory: Path, template: str, added: list[str] = (
     Args:
         template: the chat template.
         added: tokens appended after the pieces, special except ``<|placeholder…|>`` ones
-            (user-defined, so both added-token types are exercised).
+            (user-defined, so both added-token types are exercised); all but
+            ``<|endoftext|>`` strip the whitespace after them (``rstrip``), as Phi-3's do.
         special: ``eos_token=``, ``pad_token=``, ... overrides (default Llama 2's).
     """
     import json
@@ -216,7 +217,10 @@ def sentencepiece_tokenizer(directory: Path, template: str, added: list[str] = (
     config.update(legacy=True, add_bos_token=True, add_eos_token=False)
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    tokens = [AddedToken(t, special=not t.startswith("<|placeholder"), normalized=False) for t in added]
+    tokens = [
+        AddedToken(t, special=not t.startswith("<|placeholder"), normalized=False, rstrip=t != "<|endoftext|>")
+        for t in added
+    ]
     tokenizer.add_tokens(tokens)
     for key, value in special.items():
         setattr(tokenizer, key, value)

@@ -247,11 +247,12 @@ def test_a_config_transformers_rejects_names_config_json(tiny_phi3_dir, tmp_path
     assert not list(tmp_path.glob("*.gguf*"))
 
 
-def test_phi3_chat_prompt_tokenizes_like_transformers(tiny_phi3_dir, tmp_path):
+def test_phi3_chat_prompt_tokenizes_like_transformers(tiny_phi3_dir, tmp_path, monkeypatch):
     """A whole Phi-3 conversation, special tokens included, under a persona's name.
 
-    (llama.cpp strips whitespace after special tokens of models whose ``general.name``
-    says phi3, as real Phi-3 tokenizers declare ``rstrip``; this tokenizer does not.)"""
+    Phi-3's role tokens strip the whitespace after them (``rstrip``); llama.cpp does that
+    only for a ``general.name`` that says phi3, so the export appends it. Negative
+    control: under the bare persona name llama.cpp keeps a ``▁\\n`` after every role token."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_phi3_dir)
@@ -262,6 +263,25 @@ def test_phi3_chat_prompt_tokenizes_like_transformers(tiny_phi3_dir, tmp_path):
         {"role": "user", "content": "E agora?"},
     ]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = tokenizer(prompt)["input_ids"]
     path = write_gguf(tiny_phi3_dir, tmp_path / "m.gguf", name="Cláudio")
+    assert field(gguf.GGUFReader(path), "general.name") == "Cláudio (phi3)"
     with llama(path, vocab_only=True) as llm:
-        assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == tokenizer(prompt)["input_ids"]
+        assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == expected
+    monkeypatch.setattr("molting.export.gguf.gguf_model_name", lambda name, tokenizer: name)
+    bare = write_gguf(tiny_phi3_dir, tmp_path / "bare.gguf", name="Cláudio")
+    with llama(bare, vocab_only=True) as llm:
+        assert len(llm.tokenize(prompt.encode(), add_bos=True, special=True)) > len(expected)
+
+
+def test_gguf_model_name_follows_the_tokenizer(tiny_phi3_dir, tiny_tinyllama_dir, caplog):
+    from transformers import AutoTokenizer
+
+    from molting.export.tokenizer import gguf_model_name
+
+    phi3, tinyllama = (AutoTokenizer.from_pretrained(d) for d in (tiny_phi3_dir, tiny_tinyllama_dir))
+    assert gguf_model_name("Cláudio", phi3) == "Cláudio (phi3)"
+    assert gguf_model_name("Cláudio Phi-3", phi3) == "Cláudio Phi-3"
+    assert gguf_model_name("Cláudio", tinyllama) == "Cláudio" and not caplog.records
+    assert gguf_model_name("phi3-bot", tinyllama) == "phi3-bot"
+    assert "strip whitespace after special tokens" in caplog.records[-1].message

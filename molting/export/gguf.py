@@ -26,7 +26,7 @@ import numpy as np
 
 from molting.errors import ExportError
 from molting.export.architectures import Architecture, get_architecture
-from molting.export.tokenizer import add_tokenizer, tokenizer_kind
+from molting.export.tokenizer import add_tokenizer, gguf_model_name, tokenizer_kind
 from molting.io import atomic_path
 
 OUTTYPES = {
@@ -65,7 +65,8 @@ def write_gguf(
             tokenizer's pre-tokenizer (``molting.export.tokenizer.PRE_TOKENIZERS``),
             else an ExportError; ``"default"`` for a SentencePiece tokenizer.
         outtype: ``"f16"`` or ``"f32"`` for matrices; 1-D tensors (norms) stay F32.
-        name: ``general.name``; default: the directory name.
+        name: ``general.name``; default: the directory name. `` (phi3)`` is appended for a
+            tokenizer that needs llama.cpp's Phi-3 whitespace rule (``gguf_model_name``).
         progress: called as ``progress(done, total)`` after each tensor is written.
 
     Returns:
@@ -99,7 +100,7 @@ def write_gguf(
     with atomic_path(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
         try:
-            _add_general(writer, name or model_dir.name, file_type, system_prompt)
+            _add_general(writer, gguf_model_name(name or model_dir.name, tokenizer), file_type, system_prompt)
             arch.set_params(writer, config)
             add_tokenizer(writer, tokenizer, model_dir, config.vocab_size, tokenizer_pre, template)
             writer.add_chat_template(with_system_prompt(template, system_prompt))
