@@ -282,9 +282,13 @@ def compare_gguf(
     try:
         if llm.n_vocab() != reference[0].shape[1]:
             raise ExportError(f"{path}: vocabulary of {llm.n_vocab()} tokens, the model's is {reference[0].shape[1]}")
+        cached: list[int] = []
         for (ids, start), ref in zip(texts, reference, strict=True):
-            llm.reset()
-            llm.eval(ids)
+            # The KV cache holds the previous text: keep the prefix it shares with this one
+            # (the system prompt) and evaluate the rest; eval drops the cache beyond n_tokens.
+            llm.n_tokens = min(start, _common_prefix(cached, ids))
+            llm.eval(ids[llm.n_tokens :])
+            cached = ids
             logits = np.asarray(llm.scores[start : len(ids)], dtype=np.float64)
             logq = logits - _logsumexp(logits)
             ref = ref.astype(np.float64)
