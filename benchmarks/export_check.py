@@ -87,8 +87,20 @@ def memory(model_dir: Path, work: Path, llama_cpp: Path | None) -> dict:
     if llama_cpp:
         convert = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f16"]
         rows["llama.cpp convert_hf_to_gguf.py"] = peak_rss([*convert, "--outfile", str(work / "c.gguf")])
-        rows["identical files"] = (work / "m.gguf").read_bytes() == (work / "c.gguf").read_bytes()
+        rows["same tensors"] = same_tensors(work / "m.gguf", work / "c.gguf")
     return rows
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether two GGUF files hold the same tensors: names, types and bytes."""
+    import gguf
+    import numpy as np
+
+    ta = {t.name: t for t in gguf.GGUFReader(a).tensors}
+    tb = {t.name: t for t in gguf.GGUFReader(b).tensors}
+    return set(ta) == set(tb) and all(
+        ta[n].tensor_type == tb[n].tensor_type and np.array_equal(ta[n].data, tb[n].data) for n in ta
+    )
 
 
 def main() -> None:

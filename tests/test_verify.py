@@ -66,6 +66,22 @@ def test_f16_agrees_and_a_conversion_error_fails_the_gate(reference, tiny_llama_
         check_unquantized(FileCheck("F16", str(broken), 1, top1, mean_kl, max_kl), VerifyConfig())
 
 
+def test_kv_cache_reuse_gives_the_fresh_evaluation(reference, tiny_llama_256_dir, tmp_path):
+    """compare_gguf keeps the shared system prompt in llama.cpp's cache; a text whose shared prefix
+    is longer than the previous text's (same first word) must not reuse the previous text's tail."""
+    texts, _ = reference
+    f16 = write_gguf(tiny_llama_256_dir, tmp_path / "m.gguf", outtype="f16")
+    ids0, _ = texts[0]
+    # a text sharing 5 more tokens with the first than the previous text does
+    tricky = [texts[0], texts[1], (ids0[: texts[1][1] + 5] + texts[1][0][texts[1][1] :], texts[1][1] + 5)]
+    tricky_ref = reference_logprobs(tiny_llama_256_dir, tricky)
+    fresh = [compare_gguf(f16, [t], [r], n_threads=2) for t, r in zip(tricky, tricky_ref, strict=True)]
+    together = compare_gguf(f16, tricky, tricky_ref, n_threads=2)
+    weights = [len(ids) - start for ids, start in tricky]
+    expected_kl = sum(w * f[1] for w, f in zip(weights, fresh, strict=True)) / sum(weights)
+    assert together[1] == pytest.approx(expected_kl, rel=1e-3) and together[2] == max(f[2] for f in fresh)
+
+
 def test_export_with_a_wrong_f16_fails_and_leaves_no_file(persona, tiny_llama_256_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("molting.export.architectures.llama.permute_qk", lambda weight, n_head: weight)
     config = VerifyConfig(max_positions=64, n_threads=2)
