@@ -454,7 +454,7 @@ def fit(
         console.print(line)
     if layers and result.best is not None:
         best = result.best
-        rows = planner.layer_table(shape, best.quant, best.kv_type, ctx, best.reserve or planner.parse_size(reserve))
+        rows = planner.layer_table(shape, best.quant, best.kv_type, ctx, result.reserve)
         console.print(_layers_table(rows))
 
 

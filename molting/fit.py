@@ -529,6 +529,7 @@ class Plan:
         shape: the model.
         vram: the GPU budget, bytes.
         n_ctx: the context, tokens.
+        reserve: VRAM counted for the CUDA context and pools, bytes.
         options: for every quantization x KV type, the estimate with the most layers that fit
             (``n_gpu_layers = 0`` when none does).
         best: the recommended option, or None when the model does not even fit with 0 layers
@@ -538,17 +539,13 @@ class Plan:
     shape: ModelShape
     vram: int
     n_ctx: int
+    reserve: int
     options: tuple[Estimate, ...]
     best: Estimate | None
 
     def full(self, quant: str, kv_type: str) -> Estimate:
         """The estimate of ``quant``/``kv_type`` with every layer and the output on the GPU."""
-        option = next(o for o in self.options if o.quant == quant and o.kv_type == kv_type)
-        return estimate(self.shape, quant, self.n_ctx, -1, kv_type, reserve=option.reserve or self.reserve)
-
-    @property
-    def reserve(self) -> int:
-        return next((o.reserve for o in self.options if o.reserve), DEFAULT_RESERVE_BYTES)
+        return estimate(self.shape, quant, self.n_ctx, -1, kv_type, reserve=self.reserve)
 
 
 def plan(
@@ -581,7 +578,8 @@ def plan(
         (o for o in options if o.vram <= usable),
         key=lambda o: (-o.n_gpu_layers, kv_types.index(o.kv_type), quants.index(o.quant)),
     )
-    return Plan(shape=shape, vram=vram, n_ctx=n_ctx, options=options, best=ranked[0] if ranked else None)
+    best = ranked[0] if ranked else None
+    return Plan(shape=shape, vram=vram, n_ctx=n_ctx, reserve=reserve, options=options, best=best)
 
 
 def describe(result: Plan) -> list[str]:
