@@ -6,7 +6,10 @@ validate → token budget → LoRA → merge → rubric on base and fine-tuned (
 Every step writes into one run directory::
 
     adapter/  run.json  budget.json  merged/  <slug>.<QUANT>.gguf  Modelfile
-    eval/base.json  eval/finetuned.json  eval/gguf.json  report.md
+    eval/base.json  eval/finetuned.json  eval/gguf.json  report.md  loss.png  scores.png
+
+and, with ``RunConfig.registry`` set (the CLI's ``--runs``, default ``runs``), a record in the
+run registry (``molting.registry``) that ``molting compare`` reads.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from molting.backends.base import GenerationConfig
+from molting.eval.rubric import Sampling
 from molting.persona import Persona
 from molting.train import TrainConfig
 
@@ -31,6 +35,9 @@ class RunConfig:
         generation: decoding for every rubric pass; identical for base, fine-tuned and GGUF
             so that the comparison is fair (the research log: greedy, repetition_penalty 1.3,
             200 new tokens).
+        sampling: answers per question (default greedy + 2 seeded samples at temperature 0.7),
+            so that the report gives mean ± spread and the comparisons know their noise.
+        registry: the run registry directory (``runs``) to record the run in; None records nothing.
         quant: the GGUF quantization type (molting.export.QUANT_TYPES).
         n_ctx: llama.cpp context for the GGUF rubric pass.
         keep_f16: keep the intermediate F16 GGUF next to the quantized one.
@@ -39,9 +46,11 @@ class RunConfig:
     out: Path | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    sampling: Sampling = field(default_factory=Sampling)
     quant: str = "Q4_K_M"
     n_ctx: int = 2048
     keep_f16: bool = False
+    registry: Path | None = None
 
 
 @dataclass
@@ -53,6 +62,7 @@ class RunResult:
     gguf: Path
     report: Path
     results: dict = field(default_factory=dict)
+    entry: Path | None = None
 
 
 Step = Callable[[str], None]
@@ -94,7 +104,8 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
     )
     _write_modelfile(persona, gguf, config.generation, out)
     report = _write_report(persona, config, record, results, gguf, out)
-    return RunResult(out, out / "adapter", gguf, report, results)
+    entry = _register(persona, config, record, results, {"adapter": out / "adapter", "gguf": gguf, "report": report})
+    return RunResult(out, out / "adapter", gguf, report, results, entry)
 
 
 def _budget(persona: Persona, config: RunConfig, ui) -> None:
@@ -128,7 +139,13 @@ def _evaluate(label, make_backend, persona, rubric, config: RunConfig, out: Path
     try:
         with ui.bar(f"rubric: {label}", len(rubric.questions)) as advance:
             result = evaluate(
-                backend, persona, rubric, config.generation, label=label, progress=lambda i: advance(i + 1)
+                backend,
+                persona,
+                rubric,
+                config.generation,
+                label=label,
+                sampling=config.sampling,
+                progress=lambda i: advance(i + 1),
             )
     finally:
         backend.close()
@@ -207,7 +224,30 @@ def _write_report(persona, config: RunConfig, record, results: dict, gguf: Path,
         results=results,
         gguf=gguf,
         llama_cli=llama_cli_command(gguf, config.generation),
+        out=out,
     )
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _register(persona: Persona, config: RunConfig, record, results: dict, artifacts: dict) -> Path | None:
+    """Record the run in ``config.registry`` (``molting compare`` reads it); the entry's directory."""
+    from molting import registry
+
+    if config.registry is None:
+        return None
+    settings = registry.config_dict(
+        train=config.train, generation=config.generation, sampling=config.sampling, quant=config.quant
+    )
+    entry = registry.record(
+        config.registry,
+        persona,
+        "run",
+        settings,
+        list(results.values()),
+        primary="fine-tuned",
+        artifacts=artifacts,
+        loss=record.loss,
+    )
+    return entry.root

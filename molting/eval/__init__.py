@@ -4,13 +4,23 @@
 to call a regression a regression. Loss is not the verdict (research log, phase 8).
 """
 
-from molting.eval.report import Comparison, compare, reasons_section, rubric_table
+from molting.eval.report import (
+    Comparison,
+    compare,
+    compare_runs,
+    phase_table,
+    reasons_section,
+    retention_table,
+    rubric_table,
+)
 from molting.eval.rubric import (
     Judge,
     Question,
+    QuestionResult,
     QuestionScore,
     Rubric,
     RubricResult,
+    Sampling,
     default_rubric,
     evaluate,
     load_rubric,
@@ -20,13 +30,18 @@ __all__ = [
     "Comparison",
     "Judge",
     "Question",
+    "QuestionResult",
     "QuestionScore",
     "Rubric",
     "RubricResult",
+    "Sampling",
     "compare",
+    "compare_runs",
     "default_rubric",
     "evaluate",
     "load_rubric",
+    "phase_table",
     "reasons_section",
+    "retention_table",
     "rubric_table",
 ]

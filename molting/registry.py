@@ -1,0 +1,247 @@
+"""The run registry: each ``molting run``, ``train`` and ``eval`` leaves a record under ``runs/<id>/``.
+
+::
+
+    runs/<id>/
+      entry.json             # kind, time, persona, hashes, config, versions, artifacts, loss
+      results/01-base.json   # one RubricResult per model: every answer, its score and reasons
+      scores.png             # per-question chart of the results, when there are any
+
+``<id>`` is ``<UTC time>-<persona slug>-<kind>`` (``20261126-131502-claudio-eval``): ids
+sort by time. The record is small; the heavy artifacts (adapter, GGUF) stay where the
+command wrote them and are named under ``artifacts``. ``molting compare`` reads entries by
+id or by path (``molting.eval.report.compare_runs``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from molting.errors import ConfigError
+from molting.io import atomic_path
+
+if TYPE_CHECKING:
+    from molting.eval.rubric import RubricResult
+    from molting.persona import Persona
+
+ENTRY_FILE = "entry.json"
+RESULTS_DIR = "results"
+SCORES_PNG = "scores.png"
+KINDS = ("run", "train", "eval")
+PACKAGES = ("molting", "torch", "transformers", "peft", "trl", "bitsandbytes", "llama-cpp-python", "gguf")
+
+
+@dataclass
+class Entry:
+    """One registered command.
+
+    Attributes:
+        id: the directory name under the registry root.
+        kind: "run", "train" or "eval" (KINDS).
+        created: UTC time, ISO 8601.
+        persona: the persona's name; ``persona_dir`` its directory as given.
+        hashes: ``dataset_sha256`` (of the parsed examples, so a BOM/CRLF copy hashes
+            the same), ``persona_sha256`` and ``rubric_sha256`` (of the files' bytes; None when absent).
+        config: the command's settings, nested (``train``, ``generation``, ``sampling``, ``models``).
+        versions: Python and package versions.
+        results: ``[{"label", "file"}]``, in column order; files are relative to the entry.
+        primary: the label ``molting compare`` uses by default (the fine-tuned model of a run,
+            the first model of an eval); None when there are no results.
+        artifacts: name -> path of what the command wrote elsewhere (adapter, GGUF, report).
+        loss: training loss per logged step (``train`` and ``run``).
+        root: the entry's directory (not saved).
+    """
+
+    id: str
+    kind: str
+    created: str
+    persona: str
+    persona_dir: str
+    hashes: dict
+    config: dict
+    versions: dict
+    results: list[dict] = field(default_factory=list)
+    primary: str | None = None
+    artifacts: dict = field(default_factory=dict)
+    loss: list[dict] = field(default_factory=list)
+    root: Path | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        """The labels of the entry's results, in column order."""
+        return [r["label"] for r in self.results]
+
+    def result(self, label: str | None = None) -> RubricResult:
+        """The RubricResult saved under ``label`` (default ``primary``), relabelled with the entry's id.
+
+        Raises:
+            ConfigError: the entry has no results, or none under ``label`` (the message lists them).
+        """
+        from molting.eval.rubric import RubricResult
+
+        label = label or self.primary
+        found = [r for r in self.results if r["label"] == label]
+        if not found:
+            what = f"results {self.labels}" if self.results else "no rubric results (a `molting train` entry?)"
+            raise ConfigError(f"run {self.id!r} has {what}; asked for {label!r}")
+        data = json.loads((self.root / found[0]["file"]).read_text(encoding="utf-8"))
+        result = RubricResult.from_dict(data)
+        result.label = self.id
+        return result
+
+    def settings(self) -> dict:
+        """Flat ``{"train.r": 16, "generation.max_new_tokens": 200, "dataset_sha256": "…", ...}``."""
+        flat = {"kind": self.kind, **{k: (v[:12] if v else v) for k, v in self.hashes.items()}}
+        flat.update(_flatten(self.config))
+        return flat
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (``root`` left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "root"}
+
+
+def record(
+    root: str | Path,
+    persona: Persona,
+    kind: str,
+    config: dict,
+    results: Sequence[RubricResult] = (),
+    *,
+    primary: str | None = None,
+    artifacts: dict | None = None,
+    loss: list[dict] | None = None,
+) -> Entry:
+    """Write a new entry under ``root`` and return it.
+
+    Args:
+        root: the registry directory (``runs``); created if missing.
+        persona: the persona the command ran on (hashed: dataset, persona.yaml, rubric.yaml).
+        kind: one of KINDS.
+        config: the command's settings as a JSON-ready nested dict.
+        results: rubric results to keep, in column order.
+        primary: the label ``compare`` uses by default; default the first result's.
+        artifacts: name -> path of files the command wrote elsewhere.
+        loss: training loss per step.
+
+    Raises:
+        ConfigError: ``kind`` not in KINDS, or ``primary`` not among the results' labels.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"registry kind {kind!r} not in {KINDS}")
+    labels = [r.label for r in results]
+    primary = primary or (labels[0] if labels else None)
+    if primary is not None and primary not in labels:
+        raise ConfigError(f"primary result {primary!r} not among {labels}")
+    root = Path(root)
+    now = datetime.now(timezone.utc)
+    entry_id = _new_id(root, f"{now:%Y%m%d-%H%M%S}-{persona.slug}-{kind}")
+    files = [f"{RESULTS_DIR}/{i:02d}-{_slug(label)}.json" for i, label in enumerate(labels, start=1)]
+    entry = Entry(
+        id=entry_id,
+        kind=kind,
+        created=now.isoformat(timespec="seconds"),
+        persona=persona.name,
+        persona_dir=str(persona.root),
+        hashes=persona_hashes(persona),
+        config=config,
+        versions=package_versions(),
+        results=[{"label": label, "file": file} for label, file in zip(labels, files, strict=True)],
+        primary=primary,
+        artifacts={k: str(v) for k, v in (artifacts or {}).items()},
+        loss=loss or [],
+    )
+    with atomic_path(root / entry_id, directory=True) as tmp:
+        (tmp / RESULTS_DIR).mkdir()
+        for result, file in zip(results, files, strict=True):
+            (tmp / file).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+        if results:
+            from molting.plots import scores_chart
+
+            scores_chart(results, tmp / SCORES_PNG)
+        (tmp / ENTRY_FILE).write_text(json.dumps(entry.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+    entry.root = root / entry_id
+    return entry
+
+
+def load(ref: str | Path, root: str | Path = "runs") -> Entry:
+    """The entry ``ref``: an id under ``root``, or the path of an entry directory.
+
+    Raises:
+        ConfigError: no entry there; the message lists the ids under ``root``.
+    """
+    candidates = [Path(ref), Path(root) / str(ref)]
+    for directory in candidates:
+        path = directory / ENTRY_FILE
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return Entry(**data, root=directory)
+    known = ", ".join(e.name for e in list_ids(root)[-10:]) or "none"
+    raise ConfigError(
+        f"no registered run {str(ref)!r} (looked for {candidates[0]}/{ENTRY_FILE} and under {root}/); "
+        f"latest ids: {known}"
+    )
+
+
+def list_ids(root: str | Path = "runs") -> list[Path]:
+    """Entry directories under ``root``, oldest first."""
+    root = Path(root)
+    return sorted(p.parent for p in root.glob(f"*/{ENTRY_FILE}")) if root.is_dir() else []
+
+
+def persona_hashes(persona: Persona) -> dict:
+    """SHA-256 of the parsed dataset and of ``persona.yaml`` and ``rubric.yaml`` (None when a file is absent)."""
+    from molting.persona import PERSONA_FILE, RUBRIC_FILE
+
+    canonical = json.dumps(persona.examples, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    hashes = {"dataset_sha256": hashlib.sha256(canonical).hexdigest()}
+    for key, name in (("persona_sha256", PERSONA_FILE), ("rubric_sha256", RUBRIC_FILE)):
+        path = persona.root / name if persona.root else None
+        hashes[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
+    return hashes
+
+
+def package_versions() -> dict:
+    """Python and the installed versions of PACKAGES (None for a package not installed)."""
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def config_dict(**parts: object) -> dict:
+    """Nested JSON-ready settings from dataclasses and plain values (``config_dict(train=TrainConfig())``)."""
+    return {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in parts.items() if v is not None}
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _new_id(root: Path, base: str) -> str:
+    candidate, n = base, 1
+    while (root / candidate).exists():
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "model"
