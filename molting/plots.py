@@ -49,7 +49,7 @@ def scores_chart(results: Sequence[RubricResult], path: str | Path) -> Path:
     """Write the per-question rubric scores of several models as one grouped bar chart PNG.
 
     One group per question, one bar per model: the mean score of the question's answers
-    (0-10), with an error bar of ± their spread when there is more than one answer.
+    (0-10), with an error bar of ± their spread (clipped to 0-10) when there is more than one answer.
 
     Args:
         results: results of the same rubric, in legend order (e.g. base, fine-tuned, GGUF).
@@ -73,9 +73,12 @@ def scores_chart(results: Sequence[RubricResult], path: str | Path) -> Path:
         by_id = result.by_id()
         means = [by_id[q.id].mean if q.id in by_id else 0.0 for q in questions]
         spreads = [by_id[q.id].spread if q.id in by_id else 0.0 for q in questions]
+        # ± spread, clipped to the 0-10 scale a score cannot leave.
+        pairs = list(zip(means, spreads, strict=True))
+        yerr = [[min(s, m) for m, s in pairs], [min(s, 10 - m) for m, s in pairs]]
         xs = [i + (k - (len(results) - 1) / 2) * width for i in range(len(questions))]
         label = f"{result.label} ({result.mean:.1f}/10)"
-        axes.bar(xs, means, width, yerr=spreads if any(spreads) else None, capsize=2, label=label)
+        axes.bar(xs, means, width, yerr=yerr if any(spreads) else None, capsize=2, label=label)
     axes.set_xticks(range(len(questions)), [textwrap.fill(q.prompt, 14) for q in questions], fontsize=7)
     axes.set(ylim=(0, 10.5), ylabel="score (mean ± spread)", title="Rubric per question")
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))

@@ -183,7 +183,8 @@ def load(ref: str | Path, root: str | Path = "runs") -> Entry:
         path = directory / ENTRY_FILE
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
-            return Entry(**data, root=directory)
+            known = {f.name for f in fields(Entry)} - {"root"}
+            return Entry(**{k: v for k, v in data.items() if k in known}, root=directory)
     known = ", ".join(e.name for e in list_ids(root)[-10:]) or "none"
     raise ConfigError(
         f"no registered run {str(ref)!r} (looked for {candidates[0]}/{ENTRY_FILE} and under {root}/); "
