@@ -203,7 +203,7 @@ def evaluate(
     from molting import registry
     from molting.backends import load_backend
     from molting.eval import load_rubric, retention_table
-    from molting.eval.targets import evaluate_targets, target_labels
+    from molting.eval.targets import evaluate_targets, target_labels, training_config
     from molting.persona import Persona
 
     ui = RichUI()
@@ -217,7 +217,9 @@ def evaluate(
         targets = dict(zip(labels, models, strict=True))
         opener = {lab: (lambda m=m: load_backend(m)) for lab, m in targets.items()}
         results = evaluate_targets(persona, rubric, opener, config, sampling, ui)
-        settings = registry.config_dict(generation=config, sampling=sampling, models=targets)
+        settings = registry.config_dict(
+            generation=config, sampling=sampling, models=targets, train=training_config(models[0])
+        )
         entry = registry.record(runs, persona, "eval", settings, results)
     except MoltingError as exc:
         _fail(exc)

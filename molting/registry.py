@@ -51,7 +51,9 @@ class Entry:
         persona: the persona's name; ``persona_dir`` its directory as given.
         hashes: ``dataset_sha256`` (of the parsed examples, so a BOM/CRLF copy hashes
             the same), ``persona_sha256`` and ``rubric_sha256`` (of the files' bytes; None when absent).
-        config: the command's settings, nested (``train``, ``generation``, ``sampling``, ``models``).
+        config: the command's settings, nested (``train``, ``generation``, ``sampling``, ``models``;
+            an ``eval`` entry's ``train`` is the training config of its first model, when a
+            ``run.json`` lies beside it).
         versions: Python and package versions.
         results: ``[{"label", "file"}]``, in column order; files are relative to the entry.
         primary: the label ``molting compare`` uses by default (the fine-tuned model of a run,

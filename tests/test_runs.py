@@ -28,7 +28,7 @@ from molting.eval import (
     rubric_table,
 )
 from molting.eval.report import score_cell
-from molting.eval.targets import evaluate_targets, target_labels
+from molting.eval.targets import evaluate_targets, target_labels, training_config
 from molting.persona import Persona
 from tests.fakes import FakeBackend
 
@@ -215,6 +215,14 @@ def test_retention_over_several_targets_flags_the_questions_that_changed(claudio
     assert "- GGUF Q4_K_M: Me fala sobre você 10.0 ± 0.0 → " in table
     assert "- GGUF Q4_K_M: Me fala sobre você: identity newly fails" in table
     assert table.count("- GGUF") == 2  # F16 and Q8_0 changed nothing
+
+
+def test_training_config_is_found_beside_an_adapter_a_merged_model_or_a_gguf(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"r": 8, "num_train_epochs": 1}}))
+    for model in (tmp_path, tmp_path / "adapter", tmp_path / "merged", tmp_path / "c.Q4_K_M.gguf"):
+        assert training_config(model) == {"r": 8, "num_train_epochs": 1}
+    assert training_config("smollm2-135m") is None and training_config(tmp_path / "adapter" / "x" / "y") is None
 
 
 def test_target_labels_name_gguf_quants_and_reject_a_wrong_label_count():

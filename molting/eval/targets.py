@@ -32,6 +32,22 @@ def target_label(model: str | Path) -> str:
     return path.name or str(model)
 
 
+def training_config(model: str | Path) -> dict | None:
+    """The ``config`` of the ``run.json`` that trained ``model``, if one lies beside it.
+
+    ``molting train --out X`` and ``molting run --out X`` write ``X/run.json``; their
+    adapter (``X/adapter``), merged model (``X/merged``) and GGUF (``X/*.gguf``) find it
+    one level up. None for anything else (an embedded model, a base model directory).
+    """
+    import json
+
+    path = Path(model)
+    for candidate in (path / "run.json", path.parent / "run.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text(encoding="utf-8")).get("config")
+    return None
+
+
 def target_labels(models: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[str]:
     """One distinct label per model: ``labels`` if given, else ``target_label`` (``#2``, ``#3`` on repeats).
 
