@@ -239,7 +239,7 @@ def compare_command(
     model: Annotated[
         str,
         typer.Option(
-            help="the result to compare in each run [default: fine-tuned for `run`, the first model for `eval`]"
+            help="the result to compare in each run (default: fine-tuned for a `run`, the first model for an `eval`)"
         ),
     ] = None,
     runs: Runs = Path("runs"),
