@@ -109,10 +109,14 @@ def test_a_real_drop_is_a_regression_and_identity_collapse_in_most_answers_is_na
     assert comparison.verdict == "regression"
     assert comparison.new_failures == ["Quem é o João?: identity"]
     assert comparison.rows[0].trend == -1
-    # One collapsed sample in three is not a new critical failure on its own.
+    # One collapsed sample in three is not a new critical failure on its own ...
     once = run_on(claudio, joao_only, [FULL, FULL, COLLAPSE], "GGUF")
     assert compare(before, once).new_failures == []
     assert "(identity)" in rubric_table([before, after]) and "(identity)" not in rubric_table([before, once])
+    # ... unless it is the greedy answer, the one Persona.chat gives.
+    greedy = run_on(claudio, joao_only, [COLLAPSE, FULL, FULL], "GGUF")
+    assert compare(before, greedy).new_failures == ["Quem é o João?: identity"]
+    assert compare(before, greedy).verdict == "regression"
 
 
 def test_results_round_trip_and_old_single_answer_files_still_load(claudio, joao_only):

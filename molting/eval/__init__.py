@@ -1,7 +1,9 @@
 """Evaluation by what the model generates: a rubric of questions scored by deterministic checks.
 
-``load_rubric`` → ``evaluate`` (one backend) → ``RubricResult``; ``compare`` two results
-to call a regression a regression. Loss is not the verdict (research log, phase 8).
+``load_rubric`` → ``evaluate`` (one backend, each question ``Sampling.n`` times) →
+``RubricResult``; ``compare`` two results to call a regression a regression, ``compare_runs``
+over registered runs (``molting compare``), ``retention_table`` across export targets.
+Loss is not the verdict (research log, phase 8).
 """
 
 from molting.eval.report import (

@@ -23,9 +23,10 @@ QUESTION_CHANGE = 1.0
 QUESTION_DROP = 3.0
 # A change is called only beyond this many standard errors of the difference (from the answers' spread).
 NOISE_Z = 2.0
-# Failures that make a run a regression whatever the mean says ...
+# Failures that make a run a regression whatever the mean says, when the greedy answer (the one
+# ``Persona.chat`` gives) newly fails one, or the share of a question's answers failing it grows
+# by at least CRITICAL_SHARE (2 of 3 samples).
 CRITICAL_CHECKS = ("leak", "identity")
-# ... when their share of a question's answers grows by at least this much (0 → 1 with one answer each).
 CRITICAL_SHARE = 0.5
 
 
@@ -131,8 +132,9 @@ class Comparison:
         band: the smallest change of the mean called a change: ``threshold``, or ``NOISE_Z``
             standard errors of the difference when the answers' spread makes that larger.
         rows: one QuestionChange per question, in ``before``'s order.
-        new_failures: ``"question: check"`` for leak/identity checks whose share of failing
-            answers grew by CRITICAL_SHARE or more; any one makes the verdict a regression.
+        new_failures: ``"question: check"`` for leak/identity checks that the greedy answer
+            newly fails, or whose share of failing answers grew by CRITICAL_SHARE or more; any
+            one makes the verdict a regression.
         drops: ``(question, delta)`` for questions that lost ``QUESTION_DROP`` points or more
             (and more than their noise); named next to the verdict, which they do not change.
     """
@@ -174,7 +176,7 @@ def compare(before: RubricResult, after: RubricResult, threshold: float = THRESH
 
     Regression: the mean fell by the band or more (``threshold``, or ``NOISE_Z`` standard
     errors of the difference if larger), or a question newly leaks template tokens or loses
-    the persona's identity (the share of its answers failing grew by CRITICAL_SHARE or more).
+    the persona's identity (in its greedy answer, or in CRITICAL_SHARE more of its answers).
     Improvement: the mean rose by the band or more with no new critical failure. Otherwise
     unchanged: a move within the answers' own spread is not called a change.
 
@@ -188,12 +190,7 @@ def compare(before: RubricResult, after: RubricResult, threshold: float = THRESH
         )
     after_by_id = after.by_id()
     rows = [QuestionChange(old.prompt, old, after_by_id[old.id]) for old in before.questions]
-    new_failures = [
-        f"{row.prompt}: {name}"
-        for row in rows
-        for name in CRITICAL_CHECKS
-        if row.after.failure_share(name) - row.before.failure_share(name) >= CRITICAL_SHARE
-    ]
+    new_failures = [f"{row.prompt}: {name}" for row in rows for name in CRITICAL_CHECKS if _newly_fails(row, name)]
     delta = round(after.mean - before.mean, 2)
     band = round(max(threshold, NOISE_Z * math.hypot(before.noise, after.noise)), 2)
     if new_failures or delta <= -band:
@@ -204,6 +201,13 @@ def compare(before: RubricResult, after: RubricResult, threshold: float = THRESH
         verdict = "unchanged"
     drops = [(row.prompt, row.delta) for row in rows if row.delta <= -max(QUESTION_DROP, row.noise)]
     return Comparison(before, after, verdict, delta, band, rows, new_failures, drops)
+
+
+def _newly_fails(row: QuestionChange, check: str) -> bool:
+    """The greedy answer (what ``Persona.chat`` answers) newly fails ``check``, or the share of
+    failing answers grew by CRITICAL_SHARE or more."""
+    greedy = row.before.greedy.checks.get(check, True) and not row.after.greedy.checks.get(check, True)
+    return greedy or row.after.failure_share(check) - row.before.failure_share(check) >= CRITICAL_SHARE
 
 
 def phase_table(results: list[RubricResult]) -> str:
