@@ -235,7 +235,10 @@ def evaluate(
 
 @app.command(name="compare")
 def compare_command(
-    run: Annotated[list[str], typer.Argument(help="registered run ids or entry directories, oldest first")],
+    run: Annotated[
+        list[str],
+        typer.Argument(help="registered run ids or entry directories, oldest first (one run: its models side by side)"),
+    ],
     model: Annotated[
         str,
         typer.Option(
@@ -245,15 +248,16 @@ def compare_command(
     runs: Runs = Path("runs"),
     out: Annotated[Path, typer.Option(help="also write the comparison as markdown here")] = None,
 ) -> None:
-    """The research log's phase table over registered runs: settings changed, scores per question, trend, verdict."""
+    """The research log's phase table over registered runs: settings changed, scores per question, trend, verdict.
+
+    Given one run, its models side by side with retention against the first.
+    """
     from rich.markdown import Markdown
 
     from molting import registry
-    from molting.eval import compare_runs
 
     try:
-        entries = [registry.load(ref, runs) for ref in run]
-        text = compare_runs([e.result(model) for e in entries], [e.settings() for e in entries])
+        text = registry.comparison(run, runs, model)
     except (MoltingError, ValueError) as exc:
         _fail(exc)
     console.print(Markdown(text))

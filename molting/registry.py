@@ -83,7 +83,7 @@ class Entry:
         return [r["label"] for r in self.results]
 
     def result(self, label: str | None = None) -> RubricResult:
-        """The RubricResult saved under ``label`` (default ``primary``), relabelled with the entry's id.
+        """The RubricResult saved under ``label`` (default ``primary``).
 
         Raises:
             ConfigError: the entry has no results, or none under ``label`` (the message lists them).
@@ -96,9 +96,7 @@ class Entry:
             what = f"results {self.labels}" if self.results else "no rubric results (a `molting train` entry?)"
             raise ConfigError(f"run {self.id!r} has {what}; asked for {label!r}")
         data = json.loads((self.root / found[0]["file"]).read_text(encoding="utf-8"))
-        result = RubricResult.from_dict(data)
-        result.label = self.id
-        return result
+        return RubricResult.from_dict(data)
 
     def settings(self) -> dict:
         """Flat ``{"train.r": 16, "generation.max_new_tokens": 200, "dataset_sha256": "…", ...}``."""
@@ -192,6 +190,32 @@ def load(ref: str | Path, root: str | Path = "runs") -> Entry:
         f"no registered run {str(ref)!r} (looked for {candidates[0]}/{ENTRY_FILE} and under {root}/); "
         f"latest ids: {known}"
     )
+
+
+def comparison(refs: Sequence[str | Path], root: str | Path = "runs", model: str | None = None) -> str:
+    """``molting compare``: registered runs side by side, as markdown.
+
+    Several runs: ``compare_runs`` over each run's ``model`` result (default its primary),
+    columns named by run id, with the settings that differ. One run with several models
+    (a ``molting run``, an ``eval`` of several targets): its models side by side with
+    retention against the first (``retention_table``).
+
+    Raises:
+        ConfigError: a run is not registered, or lacks the result asked for.
+        ValueError: the runs' rubrics differ, or one run holds a single result.
+    """
+    from dataclasses import replace
+
+    from molting.eval.report import compare_runs, retention_table
+
+    entries = [load(ref, root) for ref in refs]
+    if len(entries) == 1:
+        (entry,) = entries
+        if len(entry.results) < 2:
+            raise ValueError(f"run {entry.id!r} holds {len(entry.results)} result(s): give two runs or more")
+        return retention_table([entry.result(label) for label in entry.labels]) + "\n"
+    results = [replace(entry.result(model), label=entry.id) for entry in entries]
+    return compare_runs(results, [entry.settings() for entry in entries])
 
 
 def list_ids(root: str | Path = "runs") -> list[Path]:

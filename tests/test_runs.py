@@ -146,7 +146,7 @@ def test_registry_records_config_hashes_versions_and_answers(tmp_path, claudio, 
     assert (entry.root / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     loaded = registry.load(entry.id, tmp_path)
     result = loaded.result()
-    assert result.label == entry.id and [a.answer for a in result.questions[0].answers] == [FULL, PARTIAL, WEAK]
+    assert result.label == "fine-tuned" and [a.answer for a in result.questions[0].answers] == [FULL, PARTIAL, WEAK]
     assert registry.load(entry.root).id == entry.id  # by path too
     assert register(tmp_path, claudio, joao_only, [FULL], r=8).id != entry.id  # same second: a new id
     with pytest.raises(ConfigError, match="no registered run 'nope'"):
@@ -183,6 +183,8 @@ def test_compare_over_three_registered_runs_prints_the_phase_table_and_a_verdict
     assert "REGRESSION" in result.output and entries[2].id in result.output
     missing = CliRunner().invoke(app, ["compare", entries[0].id, "nope", "--runs", str(tmp_path)])
     assert missing.exit_code == 2 and "no registered run 'nope'" in missing.output
+    alone = CliRunner().invoke(app, ["compare", entries[0].id, "--runs", str(tmp_path)])
+    assert alone.exit_code == 2 and "holds 1 result(s): give two runs or more" in " ".join(alone.output.split())
 
 
 def test_phase_table_trend_is_equal_within_noise_and_signed_beyond(claudio, joao_only):
@@ -263,6 +265,11 @@ def test_cli_eval_over_several_targets_prints_retention_and_registers(tmp_path, 
     assert entry.kind == "eval" and entry.labels == ["merged", "GGUF Q4_K_M"] and entry.primary == "merged"
     assert entry.config["models"] == {"merged": "runs/c/merged", "GGUF Q4_K_M": "runs/c/claudio.Q4_K_M.gguf"}
     assert entry.config["sampling"]["n"] == 2 and entry.config["generation"]["max_new_tokens"] == 200
+    retention = registry.comparison([entry.id], tmp_path / "runs")  # the same table, from the registry
+    assert (
+        retention.startswith("| question | merged | GGUF Q4_K_M |")
+        and "| **verdict** | reference | REGRESSION |" in retention
+    )
     saved = json.loads((tmp_path / "r.json").read_text())
     assert [r["label"] for r in saved] == ["merged", "GGUF Q4_K_M"]
     assert [len(q["answers"]) for q in saved[1]["questions"]] == [2] * 8
