@@ -237,7 +237,10 @@ def evaluate(
 def compare_command(
     run: Annotated[
         list[str],
-        typer.Argument(help="registered run ids or entry directories, oldest first (one run: its models side by side)"),
+        typer.Argument(
+            help="registered run ids or entry directories, oldest first; ID:LABEL picks one model of a run "
+            "(one run alone: its models side by side)"
+        ),
     ],
     model: Annotated[
         str,

@@ -195,8 +195,10 @@ def load(ref: str | Path, root: str | Path = "runs") -> Entry:
 def comparison(refs: Sequence[str | Path], root: str | Path = "runs", model: str | None = None) -> str:
     """``molting compare``: registered runs side by side, as markdown.
 
-    Several runs: ``compare_runs`` over each run's ``model`` result (default its primary),
-    columns named by run id, with the settings that differ. One run with several models
+    Several refs: ``compare_runs`` over one result of each (``model``, default the run's
+    primary), columns named by run id, with the settings that differ. A ref
+    ``<id>:<label>`` picks the result ``label`` of that run (``runs/x:GGUF Q4_K_M``), so
+    that models of one run can be set against other runs. One run with several models
     (a ``molting run``, an ``eval`` of several targets): its models side by side with
     retention against the first (``retention_table``).
 
@@ -208,14 +210,26 @@ def comparison(refs: Sequence[str | Path], root: str | Path = "runs", model: str
 
     from molting.eval.report import compare_runs, retention_table
 
-    entries = [load(ref, root) for ref in refs]
-    if len(entries) == 1:
-        (entry,) = entries
+    picked = [_split_ref(ref, root) for ref in refs]
+    if len(picked) == 1 and picked[0][1] is None:
+        entry = picked[0][0]
         if len(entry.results) < 2:
             raise ValueError(f"run {entry.id!r} holds {len(entry.results)} result(s): give two runs or more")
         return retention_table([entry.result(label) for label in entry.labels]) + "\n"
-    results = [replace(entry.result(model), label=entry.id) for entry in entries]
-    return compare_runs(results, [entry.settings() for entry in entries])
+    results = [
+        replace(entry.result(label or model), label=entry.id + (f":{label}" if label else ""))
+        for entry, label in picked
+    ]
+    return compare_runs(results, [entry.settings() for entry, _ in picked])
+
+
+def _split_ref(ref: str | Path, root: str | Path) -> tuple[Entry, str | None]:
+    """``(entry, label)`` for ``<id or path>`` (label None) or ``<id or path>:<label>``."""
+    text = str(ref)
+    if ":" in text and not (Path(root) / text / ENTRY_FILE).is_file() and not (Path(text) / ENTRY_FILE).is_file():
+        ref, label = text.split(":", 1)
+        return load(ref, root), label
+    return load(text, root), None
 
 
 def list_ids(root: str | Path = "runs") -> list[Path]:

@@ -265,6 +265,11 @@ def test_cli_eval_over_several_targets_prints_retention_and_registers(tmp_path, 
     assert entry.kind == "eval" and entry.labels == ["merged", "GGUF Q4_K_M"] and entry.primary == "merged"
     assert entry.config["models"] == {"merged": "runs/c/merged", "GGUF Q4_K_M": "runs/c/claudio.Q4_K_M.gguf"}
     assert entry.config["sampling"]["n"] == 2 and entry.config["generation"]["max_new_tokens"] == 200
+    picked = registry.comparison([f"{entry.id}:merged", f"{entry.id}:GGUF Q4_K_M"], tmp_path / "runs")
+    assert f"| question | {entry.id}:merged | {entry.id}:GGUF Q4_K_M | trend |" in picked
+    assert "**REGRESSION**" in picked.split("## Verdict")[1]
+    with pytest.raises(ConfigError, match=r"has results \['merged', 'GGUF Q4_K_M'\]; asked for 'Q8_0'"):
+        registry.comparison([f"{entry.id}:merged", f"{entry.id}:Q8_0"], tmp_path / "runs")
     retention = registry.comparison([entry.id], tmp_path / "runs")  # the same table, from the registry
     assert (
         retention.startswith("| question | merged | GGUF Q4_K_M |")
