@@ -241,9 +241,9 @@ class Sampling:
     the n scores tells a real change from noise (``molting.eval.report.compare``).
 
     The default, greedy plus 2 samples, is what ``molting run`` and ``molting eval`` use: on
-    2 CPU cores one more answer to the 8 questions of Rubric v1.0 (200 new tokens) costs
-    about a minute per model with SmolLM2-135M, so ``molting run``'s three models cost about
-    6 minutes more than greedy alone; two samples are the fewest that give a spread beside
+    2 CPU cores one pass over the 8 questions of Rubric v1.0 (200 new tokens) took 42-75 s
+    per model with SmolLM2-135M in transformers, so ``molting run``'s three models cost about
+    5-8 minutes more than greedy alone; two samples are the fewest that give a spread beside
     the greedy answer.
 
     Attributes:
