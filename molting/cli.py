@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from molting.backends.base import GenerationConfig
 from molting.errors import MoltingError
+from molting.eval.rubric import Sampling
 
 # The libraries' own tqdm bars would interleave with molting's rich ones.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -65,6 +66,14 @@ Quant = Annotated[
 NoVerify = Annotated[
     bool, typer.Option("--no-verify", help="skip the export's behaviour check (llama.cpp vs transformers)")
 ]
+Samples = Annotated[
+    int,
+    typer.Option(
+        help=f"answers per rubric question: the greedy one, then seeded samples at temperature "
+        f"{Sampling.temperature} (mean ± spread; 1 = greedy only)"
+    ),
+]
+Runs = Annotated[Path, typer.Option("--runs", help="run registry directory: each command records itself there")]
 
 
 class RichUI:
@@ -91,11 +100,13 @@ class RichUI:
             yield advance
 
     def table(self, result) -> None:
-        table = Table(title=f"{result.label}: {result.total}/{result.max_total}")
-        for column in ("question", "score", "reasons"):
+        from molting.eval.report import score_cell
+
+        table = Table(title=f"{result.label}: {result.total:g}/{result.max_total:g} ({result.mean:.1f}/10)")
+        for column in ("question", "score", "reasons (first answer)"):
             table.add_column(column)
-        for score in result.scores:
-            table.add_row(score.prompt, str(score.score), "; ".join(score.reasons) or "ok")
+        for question in result.questions:
+            table.add_row(question.prompt, score_cell(question), "; ".join(question.greedy.reasons) or "ok")
         console.print(table)
 
     def verify(self, report) -> None:
@@ -147,7 +158,7 @@ def _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization):
     return TrainConfig(**{k: v for k, v in options.items() if v is not None})
 
 
-def _fail(exc: MoltingError) -> None:
+def _fail(exc: Exception) -> None:
     print_error(exc)
     raise typer.Exit(code=2)
 
@@ -185,8 +196,10 @@ def train(
     lr: LR = None,
     max_length: MaxLength = None,
     quantization: Quantization = "auto",
+    runs: Runs = Path("runs"),
 ) -> None:
     """Fine-tune a LoRA adapter on a persona."""
+    from molting import registry
     from molting.persona import Persona
     from molting.train import train as run_training
     from molting.train import training_budget
@@ -199,47 +212,106 @@ def train(
         ui.budget(training_budget(persona, config))
         with ui.bar("training", None) as advance:
             record = run_training(persona, out, config, on_step=lambda s, n, logs: advance(s, n))
+        artifacts = {"adapter": out / "adapter", "run_json": out / "run.json"}
+        entry = registry.record(
+            runs, persona, "train", registry.config_dict(train=config), artifacts=artifacts, loss=record.loss
+        )
     except MoltingError as exc:
         _fail(exc)
     console.print(
         f"adapter: {out / 'adapter'}  ({record.train_seconds:.0f} s, "
-        f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind})"
+        f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind})\nregistered: {entry.root}"
     )
 
 
 @app.command(name="eval")
 def evaluate(
     persona_dir: PersonaDir,
-    model: Annotated[str, typer.Option(help="GGUF file, model/adapter/run directory or embedded name")] = None,
-    label: Annotated[str, typer.Option(help="column name in reports")] = None,
-    out: Annotated[Path, typer.Option(help="write the result as JSON here")] = None,
+    model: Annotated[
+        list[str],
+        typer.Option(
+            help="GGUF file, model/adapter/run directory or embedded name; repeat for several, "
+            "the first is the reference for retention"
+        ),
+    ] = None,
+    label: Annotated[list[str], typer.Option(help="column name per --model, in order")] = None,
+    out: Annotated[Path, typer.Option(help="also write the results as a JSON list here")] = None,
     max_new_tokens: MaxNew = 200,
     repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
+    samples: Samples = Sampling.n,
+    runs: Runs = Path("runs"),
 ) -> None:
-    """Score a model on the persona's rubric by what it generates."""
+    """Score models on the persona's rubric by what they generate; several side by side, with retention."""
     import json
 
+    from rich.markdown import Markdown
+
+    from molting import registry
     from molting.backends import load_backend
-    from molting.eval import evaluate as run_rubric
-    from molting.eval import load_rubric
+    from molting.eval import load_rubric, retention_table
+    from molting.eval.targets import evaluate_targets, target_labels, training_config
     from molting.persona import Persona
 
     ui = RichUI()
     try:
         persona = Persona.load(persona_dir)
         rubric = load_rubric(persona)
-        model = model or str(persona.default_model())
-        backend = load_backend(model)
+        models = model or [str(persona.default_model())]
+        labels = target_labels(models, label)
         config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
-        with ui.bar("rubric", len(rubric.questions)) as advance:
-            result = run_rubric(
-                backend, persona, rubric, config, label=label or str(model), progress=lambda i: advance(i + 1)
-            )
+        sampling = Sampling(n=samples)
+        targets = dict(zip(labels, models, strict=True))
+        opener = {lab: (lambda m=m: load_backend(m)) for lab, m in targets.items()}
+        results = evaluate_targets(persona, rubric, opener, config, sampling, ui)
+        settings = registry.config_dict(
+            generation=config, sampling=sampling, models=targets, train=training_config(models[0])
+        )
+        entry = registry.record(runs, persona, "eval", settings, results)
     except MoltingError as exc:
         _fail(exc)
-    ui.table(result)
+    for result in results:
+        ui.table(result)
+    if len(results) > 1:
+        console.rule(f"[bold]retention against {results[0].label}")
+        console.print(Markdown(retention_table(results)))
+    console.print(f"registered: {entry.root}")
     if out:
-        out.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        out.write_text(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))
+
+
+@app.command(name="compare")
+def compare_command(
+    run: Annotated[
+        list[str],
+        typer.Argument(
+            help="registered run ids or entry directories, oldest first; ID:LABEL picks one model of a run "
+            "(one run alone: its models side by side)"
+        ),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            help="the result to compare in each run (default: fine-tuned for a `run`, the first model for an `eval`)"
+        ),
+    ] = None,
+    runs: Runs = Path("runs"),
+    out: Annotated[Path, typer.Option(help="also write the comparison as markdown here")] = None,
+) -> None:
+    """The research log's phase table over registered runs: settings changed, scores per question, trend, verdict.
+
+    Given one run, its models side by side with retention against the first.
+    """
+    from rich.markdown import Markdown
+
+    from molting import registry
+
+    try:
+        text = registry.comparison(run, runs, model)
+    except (MoltingError, ValueError) as exc:
+        _fail(exc)
+    console.print(Markdown(text))
+    if out:
+        out.write_text(text, encoding="utf-8")
 
 
 @app.command()
@@ -355,6 +427,8 @@ def run_all(
     max_new_tokens: MaxNew = 200,
     repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
     no_verify: NoVerify = False,
+    samples: Samples = Sampling.n,
+    runs: Runs = Path("runs"),
 ) -> None:
     """Validate → budget → train → rubric (base, fine-tuned) → GGUF → rubric (llama.cpp) → report."""
     from molting.export.verify import VerifyConfig
@@ -369,12 +443,15 @@ def run_all(
             verify=None if no_verify else VerifyConfig(),
             train=_train_config(base, epochs, r, lora_alpha, lr, max_length, quantization),
             generation=GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty),
+            sampling=Sampling(n=samples),
+            registry=runs,
         )
         result = run(persona, config, RichUI())
     except MoltingError as exc:
         _fail(exc)
     console.rule("[bold green]done")
     console.print(f"report:  {result.report}\nadapter: {result.adapter}\nGGUF:    {result.gguf}")
+    console.print(f"registered: {result.entry}")
 
 
 @app.command()

@@ -6,7 +6,10 @@ validate → token budget → LoRA → merge → rubric on base and fine-tuned (
 Every step writes into one run directory::
 
     adapter/  run.json  budget.json  merged/  <slug>.<QUANT>.gguf  Modelfile
-    eval/base.json  eval/finetuned.json  eval/gguf.json  report.md
+    eval/base.json  eval/finetuned.json  eval/gguf.json  report.md  loss.png  scores.png
+
+and, with ``RunConfig.registry`` set (the CLI's ``--runs``, default ``runs``), a record in the
+run registry (``molting.registry``) that ``molting compare`` reads.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from molting.backends.base import GenerationConfig
 from molting.errors import ExportError
+from molting.eval.rubric import Sampling
 from molting.export.verify import (
     AUTO_CANDIDATES,
     FileCheck,
@@ -44,6 +48,9 @@ class RunConfig:
         generation: decoding for every rubric pass; identical for base, fine-tuned and GGUF
             so that the comparison is fair (the research log: greedy, repetition_penalty 1.3,
             200 new tokens).
+        sampling: answers per question (default greedy + 2 seeded samples at temperature 0.7),
+            so that the report gives mean ± spread and the comparisons know their noise.
+        registry: the run registry directory (``runs``) to record the run in; None records nothing.
         quant: the GGUF quantization type (molting.export.QUANT_TYPES), or "auto" (see
             :func:`export_gguf`).
         n_ctx: llama.cpp context for the GGUF rubric pass.
@@ -55,10 +62,12 @@ class RunConfig:
     out: Path | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    sampling: Sampling = field(default_factory=Sampling)
     quant: str = "Q4_K_M"
     n_ctx: int = 2048
     keep_f16: bool = False
     verify: VerifyConfig | None = field(default_factory=VerifyConfig)
+    registry: Path | None = None
 
 
 @dataclass
@@ -71,6 +80,7 @@ class RunResult:
     report: Path
     results: dict = field(default_factory=dict)
     check: VerifyReport | None = None
+    entry: Path | None = None
 
 
 Step = Callable[[str], None]
@@ -113,7 +123,8 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
     )
     _write_modelfile(persona, gguf, config.generation, out)
     report = _write_report(persona, config, record, results, export, out)
-    return RunResult(out, out / "adapter", gguf, report, results, export.check)
+    entry = _register(persona, config, record, results, {"adapter": out / "adapter", "gguf": gguf, "report": report})
+    return RunResult(out, out / "adapter", gguf, report, results, export.check, entry)
 
 
 def _budget(persona: Persona, config: RunConfig, ui) -> None:
@@ -147,7 +158,13 @@ def _evaluate(label, make_backend, persona, rubric, config: RunConfig, out: Path
     try:
         with ui.bar(f"rubric: {label}", len(rubric.questions)) as advance:
             result = evaluate(
-                backend, persona, rubric, config.generation, label=label, progress=lambda i: advance(i + 1)
+                backend,
+                persona,
+                rubric,
+                config.generation,
+                label=label,
+                sampling=config.sampling,
+                progress=lambda i: advance(i + 1),
             )
     finally:
         backend.close()
@@ -417,7 +434,30 @@ def _write_report(persona, config: RunConfig, record, results: dict, export: Exp
         gguf=gguf,
         llama_cli=llama_cli_command(gguf, config.generation),
         check=export.check,
+        out=out,
     )
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _register(persona: Persona, config: RunConfig, record, results: dict, artifacts: dict) -> Path | None:
+    """Record the run in ``config.registry`` (``molting compare`` reads it); the entry's directory."""
+    from molting import registry
+
+    if config.registry is None:
+        return None
+    settings = registry.config_dict(
+        train=config.train, generation=config.generation, sampling=config.sampling, quant=config.quant
+    )
+    entry = registry.record(
+        config.registry,
+        persona,
+        "run",
+        settings,
+        list(results.values()),
+        primary="fine-tuned",
+        artifacts=artifacts,
+        loss=record.loss,
+    )
+    return entry.root

@@ -1,14 +1,29 @@
-"""The markdown report of ``molting run``: budget, loss, rubric side by side, how to run the GGUF."""
+"""The markdown report of ``molting run``: budget, loss, rubric side by side, how to run the GGUF.
+
+Each section is one function returning markdown; ``run_report`` joins them in order.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+LOSS_PNG = "loss.png"
+SCORES_PNG = "scores.png"
+
 
 def run_report(
-    *, persona, train_config: dict, generation: dict, record, results: dict, gguf: Path, llama_cli: str, check=None
+    *,
+    persona,
+    train_config: dict,
+    generation: dict,
+    record,
+    results: dict,
+    gguf: Path,
+    llama_cli: str,
+    out: Path,
+    check=None,
 ) -> str:
-    """Render the run report.
+    """Render the run report, one section per function; the pictures are written into ``out``.
 
     Args:
         persona: the Persona.
@@ -18,24 +33,20 @@ def run_report(
         gguf: the exported file.
         llama_cli: the command that chats with it.
         check: the export's VerifyReport (``molting.export.verify``), or None when it was skipped.
+        out: the run directory: receives ``loss.png`` and ``scores.png``, which the
+            report (``out/report.md``) links by relative path.
     """
-    from molting.eval.report import compare, reasons_section, rubric_table
-
-    labels = list(results)
     parts = [
         f"# molting run: {persona.name}\n",
         _settings(record, train_config, generation),
         _budget(record.budget),
-        _loss(record.loss),
-        "## Rubric\n",
-        f"Same questions and decoding for every column ({_decoding(generation)}).\n",
-        rubric_table(list(results.values())),
-        "",
+        _loss(record.loss, out),
+        _rubric(results, generation, out),
+        _comparisons(results),
+        _answers(results),
+        _export_check(check),
+        _how_to_run(gguf, llama_cli),
     ]
-    for before, after in zip(labels, labels[1:], strict=False):
-        parts += [f"### {after} vs {before}\n", compare(results[before], results[after]).to_markdown(), ""]
-    parts += [f"## Answers: {label}\n\n{reasons_section(results[label])}" for label in labels]
-    parts += [_export_check(check), _how_to_run(gguf, llama_cli)]
     return "\n".join(parts) + "\n"
 
 
@@ -73,38 +84,32 @@ def _budget(budget: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _loss(loss: list[dict]) -> str:
+def _loss(loss: list[dict], out: Path) -> str:
+    from molting.plots import loss_chart
+
     if not loss:
         return "## Loss\n\nNo loss was logged.\n"
     values = [entry["loss"] for entry in loss]
     first, last = values[0], values[-1]
+    loss_chart(loss, out / LOSS_PNG)
     return (
         "## Loss\n\n"
         f"{len(values)} steps, {first:.3f} → {last:.3f} ({(last - first) / first:+.0%}). "
         "Loss is not the verdict: the research log saw loss fall 35% while the answers got worse; "
-        "the rubric below is.\n\n```\n" + ascii_curve(values) + "\n```\n"
+        f"the rubric below is.\n\n![training loss per step]({LOSS_PNG})\n"
     )
 
 
-def ascii_curve(values: list[float], width: int = 60, height: int = 10) -> str:
-    """A plain-text line chart of ``values`` (resampled to ``width`` columns)."""
-    n = len(values)
-    cols = [values[min(n - 1, round(i * (n - 1) / max(1, width - 1)))] for i in range(min(width, n))]
-    low, high = min(cols), max(cols)
-    span = (high - low) or 1.0
-    rows = []
-    for level in range(height - 1, -1, -1):
-        cells = "".join("•" if round((v - low) / span * (height - 1)) == level else " " for v in cols)
-        label = f"{low + span * level / (height - 1):7.3f}" if level in (0, height - 1) else " " * 7
-        rows.append(f"{label} │{cells}")
-    rows.append(" " * 8 + "└" + "─" * len(cols) + f" step 1..{n}")
-    return "\n".join(rows)
+def _rubric(results: dict, generation: dict, out: Path) -> str:
+    from molting.eval.report import rubric_table
+    from molting.plots import scores_chart
 
-
-def _decoding(generation: dict) -> str:
-    mode = "greedy" if generation["temperature"] == 0 else f"temperature {generation['temperature']}"
+    scores_chart(list(results.values()), out / SCORES_PNG)
+    sampling = next(iter(results.values())).sampling
     return (
-        f"{mode}, repetition_penalty {generation['repetition_penalty']}, max_new_tokens {generation['max_new_tokens']}"
+        "## Rubric\n\n"
+        f"Same questions and decoding for every column ({_decoding(generation, sampling)}).\n\n"
+        f"{rubric_table(list(results.values()))}\n\n![rubric score per question and model]({SCORES_PNG})\n"
     )
 
 
@@ -112,6 +117,36 @@ def _export_check(check) -> str:
     if check is None:
         return "## Export check\n\nSkipped (`--no-verify`).\n"
     return "## Export check\n\n" + check.to_markdown()
+
+
+def _comparisons(results: dict) -> str:
+    from molting.eval.report import compare
+
+    labels = list(results)
+    parts = [
+        f"### {after} vs {before}\n\n{compare(results[before], results[after]).to_markdown()}\n"
+        for before, after in zip(labels, labels[1:], strict=False)
+    ]
+    return "\n".join(parts)
+
+
+def _answers(results: dict) -> str:
+    from molting.eval.report import reasons_section
+
+    return "\n".join(f"## Answers: {label}\n\n{reasons_section(result)}" for label, result in results.items())
+
+
+def _decoding(generation: dict, sampling: dict | None = None) -> str:
+    mode = "greedy" if generation["temperature"] == 0 else f"temperature {generation['temperature']}"
+    text = f"{mode}, repetition_penalty {generation['repetition_penalty']}"
+    text += f", max_new_tokens {generation['max_new_tokens']}"
+    if sampling and sampling.get("n", 1) > 1:
+        text += (
+            f"; each question answered {sampling['n']} times: the {mode} answer, then {sampling['n'] - 1} samples at "
+            f"temperature {sampling['temperature']}, top_p {sampling['top_p']}, seeds {sampling['seed'] + 1}.."
+            f"{sampling['seed'] + sampling['n'] - 1}; scores are mean ± spread (standard deviation)"
+        )
+    return text
 
 
 def _how_to_run(gguf: Path, llama_cli: str) -> str:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import resource
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +28,7 @@ from molting.errors import ConfigError
 from molting.io import atomic_path
 from molting.models import resolve_base_model
 from molting.persona import Persona
+from molting.registry import package_versions
 from molting.templates import training_template
 
 # Every linear layer of a decoder block: Llama's (SmolLM2, TinyLlama, Qwen2) and Phi-3's fused
@@ -154,7 +153,7 @@ def train(
         target_modules=config.target_modules,
         task_type="CAUSAL_LM",
     )
-    record = RunRecord(asdict(config), device, quantization, budget.summary(), versions=_versions())
+    record = RunRecord(asdict(config), device, quantization, budget.summary(), versions=package_versions())
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -243,17 +242,6 @@ def _peak_memory(device: str) -> tuple[float, str]:
         return round(torch.cuda.max_memory_allocated() / 2**20, 1), "vram"
     # ru_maxrss is in KiB on Linux.
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "rss"
-
-
-def _versions() -> dict:
-    names = ("torch", "transformers", "peft", "trl", "bitsandbytes", "llama-cpp-python", "gguf")
-    found = {"python": platform.python_version()}
-    for name in names:
-        try:
-            found[name] = version(name)
-        except Exception:  # noqa: BLE001 - an optional package missing is recorded, not fatal
-            found[name] = None
-    return found
 
 
 def _save(trainer, record: RunRecord, output_dir: Path) -> None:

@@ -67,6 +67,7 @@ def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
         generation=GenerationConfig(max_new_tokens=8),
         quant="Q8_0",
         n_ctx=256,
+        registry=tmp_path / "runs",
     )
     ui = SilentUI()
     result = run(persona, config, ui)
@@ -78,10 +79,16 @@ def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
     assert list(result.results) == ["base", "fine-tuned", "GGUF Q8_0"]
     for name in ("base", "finetuned", "gguf"):
         saved = json.loads((out / "eval" / f"{name}.json").read_text())
-        assert len(saved["scores"]) == 2
+        assert [len(q["answers"]) for q in saved["questions"]] == [3, 3]  # greedy + 2 samples by default
     report = result.report.read_text()
     for needle in ("Token budget", "## Loss", "base", "fine-tuned", "GGUF Q8_0", "llama-cli -m", "Quem é o João?"):
         assert needle in report
+    for picture in ("loss.png", "scores.png"):
+        assert f"]({picture})" in report and (out / picture).read_bytes()[:4] == b"\x89PNG"
+    entry = json.loads((result.entry / "entry.json").read_text())
+    assert result.entry.parent == tmp_path / "runs" and entry["kind"] == "run" and entry["primary"] == "fine-tuned"
+    assert [r["label"] for r in entry["results"]] == ["base", "fine-tuned", "GGUF Q8_0"]
+    assert entry["config"]["train"]["r"] == 4 and len(entry["loss"]) > 0
     assert 'SYSTEM """Você é o Cláudio, IA da Softtor."""' in (out / "Modelfile").read_text()
     assert ui.steps.index("budget 4 examples") < next(i for i, s in enumerate(ui.steps) if "Training" in s)
     assert any("Quantizing" in s for s in ui.steps) and "table GGUF Q8_0" in ui.steps

@@ -34,18 +34,24 @@ log's hand scores are reproduced in kind: its phase 8 answers score about 3/10.
 
 The research log judged runs by these questions, by hand; molting judges by rules so
 that two runs are compared by the same judge (``molting.eval.report.compare``).
+
+``evaluate`` asks each question ``Sampling.n`` times (greedy, then seeded samples) and
+keeps every scored answer: a question's result is the mean of its scores, and their
+spread says how much of a difference between two models is noise.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
-from molting.errors import PersonaError
+from molting.errors import ConfigError, PersonaError
 from molting.eval import checks
 
 if TYPE_CHECKING:
@@ -84,7 +90,7 @@ class Rubric:
 
 @dataclass
 class QuestionScore:
-    """A question's answer and its score.
+    """One answer to a question and its score (``Judge.score``).
 
     Attributes:
         score: 0-10, one decimal.
@@ -104,31 +110,87 @@ class QuestionScore:
 
 
 @dataclass
+class QuestionResult:
+    """A question answered ``n`` times (greedy first, then seeded samples), each answer scored.
+
+    Attributes:
+        answers: one QuestionScore per answer, in the order asked: ``answers[0]`` is the
+            answer decoded with the evaluation's GenerationConfig as given (greedy by default).
+    """
+
+    id: str
+    prompt: str
+    answers: list[QuestionScore]
+
+    @property
+    def n(self) -> int:
+        """Number of answers."""
+        return len(self.answers)
+
+    @property
+    def mean(self) -> float:
+        """Mean score over the answers, 0-10."""
+        return round(statistics.fmean(a.score for a in self.answers), 2)
+
+    @property
+    def spread(self) -> float:
+        """Sample standard deviation of the answers' scores (0 with a single answer), in points."""
+        return round(statistics.stdev(a.score for a in self.answers), 2) if self.n > 1 else 0.0
+
+    @property
+    def greedy(self) -> QuestionScore:
+        """The first answer: the one decoded as configured (greedy by default)."""
+        return self.answers[0]
+
+    def failure_share(self, check: str) -> float:
+        """Share of the answers, 0-1, that failed ``check`` (a check an answer skipped counts as passed)."""
+        return sum(not a.checks.get(check, True) for a in self.answers) / self.n
+
+
+@dataclass
 class RubricResult:
-    """One model's answers to a rubric, scored. ``label`` names the model ("base", "GGUF Q4_K_M")."""
+    """One model's answers to a rubric, scored. ``label`` names the model ("base", "GGUF Q4_K_M").
+
+    Attributes:
+        questions: per question, every answer and its score, in the rubric's order.
+        sampling: how the answers were drawn (``Sampling`` as a dict); empty when unknown.
+    """
 
     label: str
     version: str
-    scores: list[QuestionScore]
+    questions: list[QuestionResult]
+    sampling: dict = field(default_factory=dict)
 
     @property
     def total(self) -> float:
-        """Sum of question scores."""
-        return round(sum(s.score for s in self.scores), 1)
+        """Sum of the questions' mean scores."""
+        return round(sum(q.mean for q in self.questions), 2)
 
     @property
     def max_total(self) -> float:
         """10 per question."""
-        return MAX_SCORE * len(self.scores)
+        return MAX_SCORE * len(self.questions)
 
     @property
     def mean(self) -> float:
         """Mean score per question, 0-10: the research log's "x/10" figure."""
-        return round(self.total / len(self.scores), 2) if self.scores else 0.0
+        return round(self.total / len(self.questions), 2) if self.questions else 0.0
 
-    def by_id(self) -> dict[str, QuestionScore]:
-        """Question id -> score."""
-        return {s.id: s for s in self.scores}
+    @property
+    def noise(self) -> float:
+        """Standard error of ``mean`` from the per-question spreads, in points (0 with one answer each).
+
+        ``sqrt(sum(spread_q**2 / n_q)) / Q`` over the Q questions: how far the mean would
+        move if the same model were asked again with other seeds.
+        """
+        if not self.questions:
+            return 0.0
+        variance = sum(q.spread**2 / q.n for q in self.questions)
+        return round(math.sqrt(variance) / len(self.questions), 2)
+
+    def by_id(self) -> dict[str, QuestionResult]:
+        """Question id -> result."""
+        return {q.id: q for q in self.questions}
 
     def to_dict(self) -> dict:
         """JSON-ready dict; ``from_dict`` reads it back."""
@@ -138,13 +200,79 @@ class RubricResult:
             "total": self.total,
             "max_total": self.max_total,
             "mean": self.mean,
-            "scores": [asdict(s) for s in self.scores],
+            "noise": self.noise,
+            "sampling": self.sampling,
+            "questions": [
+                {
+                    "id": q.id,
+                    "prompt": q.prompt,
+                    "mean": q.mean,
+                    "spread": q.spread,
+                    "answers": [asdict(a) for a in q.answers],
+                }
+                for q in self.questions
+            ],
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> RubricResult:
-        """The inverse of ``to_dict`` (derived totals are recomputed)."""
-        return cls(data["label"], data["version"], [QuestionScore(**s) for s in data["scores"]])
+        """The inverse of ``to_dict`` (derived figures are recomputed).
+
+        Also reads the one-answer-per-question format written before sampling existed
+        (a ``scores`` list of QuestionScore dicts).
+        """
+        if "scores" in data and "questions" not in data:
+            answers = [QuestionScore(**s) for s in data["scores"]]
+            questions = [QuestionResult(a.id, a.prompt, [a]) for a in answers]
+            return cls(data["label"], data["version"], questions, {"n": 1})
+        questions = [
+            QuestionResult(q["id"], q["prompt"], [QuestionScore(**a) for a in q["answers"]]) for q in data["questions"]
+        ]
+        return cls(data["label"], data["version"], questions, data.get("sampling", {}))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How many times ``evaluate`` asks each question, and how the extra answers are drawn.
+
+    The first answer decodes with the evaluation's GenerationConfig as given (greedy, the
+    research log's setting); answers 2..n sample at ``temperature`` and ``top_p`` with seeds
+    ``seed + 1`` .. ``seed + n - 1``, so that a rerun draws the same answers. The spread of
+    the n scores tells a real change from noise (``molting.eval.report.compare``).
+
+    The default, greedy plus 2 samples, is what ``molting run`` and ``molting eval`` use: on
+    2 CPU cores one pass over the 8 questions of Rubric v1.0 (200 new tokens) took 42-75 s
+    per model with SmolLM2-135M in transformers, so ``molting run``'s three models cost about
+    5-8 minutes more than greedy alone; two samples are the fewest that give a spread beside
+    the greedy answer.
+
+    Attributes:
+        n: answers per question, >= 1 (1: greedy only, spread 0).
+        temperature: sampling temperature of answers 2..n, > 0.
+        top_p: nucleus mass of answers 2..n, in (0, 1].
+        seed: answer k (1-based after the greedy one) uses ``seed + k``.
+    """
+
+    n: int = 3
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"samples n must be >= 1, got {self.n}")
+        if self.temperature <= 0:
+            raise ConfigError(f"sampling temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+
+    def configs(self, config: GenerationConfig) -> list[GenerationConfig]:
+        """The n decoding configs: ``config`` itself, then the seeded samples."""
+        samples = [
+            replace(config, temperature=self.temperature, top_p=self.top_p, seed=self.seed + k)
+            for k in range(1, self.n)
+        ]
+        return [config, *samples]
 
 
 def load_rubric(source: Persona | str | Path) -> Rubric:
@@ -339,29 +467,37 @@ def evaluate(
     config: GenerationConfig | None = None,
     *,
     label: str = "model",
+    sampling: Sampling | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> RubricResult:
-    """Ask ``backend`` every rubric question as ``persona`` and score the answers.
+    """Ask ``backend`` every rubric question as ``persona``, ``sampling.n`` times, and score each answer.
 
-    Each question is a fresh conversation: the persona's inference system prompt, then
-    the question. Use the same ``config`` for every model you compare.
+    Each answer is a fresh conversation: the persona's inference system prompt, then the
+    question. A question's n answers are asked one after another (llama.cpp reuses the
+    prompt's cache). Use the same ``config`` and ``sampling`` for every model you compare.
 
     Args:
         backend: any Backend (transformers, llama.cpp, or a test double).
         persona: supplies the system prompt, the language and the forbidden identities.
         rubric: the questions (``load_rubric``).
-        config: decoding; default ``GenerationConfig()`` (greedy, 200 new tokens, repetition_penalty 1.3).
+        config: decoding of the first answer; default ``GenerationConfig()`` (greedy, 200 new
+            tokens, repetition_penalty 1.3). The samples take everything else from it.
         label: the name of this model in reports.
-        progress: called with the 0-based index of each question once it is scored.
+        sampling: answers per question; default one greedy answer (``Sampling(n=1)``).
+        progress: called with the 0-based index of each question once all its answers are scored.
     """
     from molting.backends.base import GenerationConfig
 
     config = config or GenerationConfig()
+    sampling = sampling or Sampling(n=1)
     judge = Judge.for_persona(persona, rubric)
-    scores = []
+    questions = []
     for i, question in enumerate(rubric.questions):
-        response = backend.generate(persona.messages(question.prompt), config)
-        scores.append(judge.score(question, response.text, response.finish_reason))
+        answers = []
+        for decoding in sampling.configs(config):
+            response = backend.generate(persona.messages(question.prompt), decoding)
+            answers.append(judge.score(question, response.text, response.finish_reason))
+        questions.append(QuestionResult(question.id, question.prompt, answers))
         if progress is not None:
             progress(i)
-    return RubricResult(label, rubric.version, scores)
+    return RubricResult(label, rubric.version, questions, asdict(sampling))

@@ -1,0 +1,102 @@
+"""The rubric over several models at once: ``molting eval --model A --model B ...``.
+
+Typical targets are one fine-tuned model and its exports (the merged directory, the F16,
+Q8_0 and Q4_K_M GGUFs); ``molting.eval.report.retention_table`` then shows what each
+export kept of the first. Models are opened one at a time and closed before the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from molting.errors import ConfigError
+from molting.eval.rubric import RubricResult, Sampling, evaluate
+
+if TYPE_CHECKING:
+    from molting.backends.base import Backend, GenerationConfig
+    from molting.eval.rubric import Rubric
+    from molting.persona import Persona
+
+
+def target_label(model: str | Path) -> str:
+    """A short column name for ``model``.
+
+    ``runs/claudio/claudio.Q4_K_M.gguf`` → ``"GGUF Q4_K_M"`` (the part before ``.gguf``
+    after the last dot), a directory → its name (``merged``), an embedded name → itself.
+    """
+    path = Path(model)
+    if path.suffix == ".gguf":
+        return f"GGUF {path.stem.rsplit('.', 1)[-1]}"
+    return path.name or str(model)
+
+
+def training_config(model: str | Path) -> dict | None:
+    """The ``config`` of the ``run.json`` that trained ``model``, if one lies beside it.
+
+    ``molting train --out X`` and ``molting run --out X`` write ``X/run.json``; their
+    adapter (``X/adapter``), merged model (``X/merged``) and GGUF (``X/*.gguf``) find it
+    one level up. None for anything else (an embedded model, a base model directory).
+    """
+    import json
+
+    path = Path(model)
+    for candidate in (path / "run.json", path.parent / "run.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text(encoding="utf-8")).get("config")
+    return None
+
+
+def target_labels(models: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[str]:
+    """One distinct label per model: ``labels`` if given, else ``target_label`` (``#2``, ``#3`` on repeats).
+
+    Raises:
+        ConfigError: ``labels`` given but not one per model, or repeated.
+    """
+    if labels:
+        if len(labels) != len(models) or len(set(labels)) != len(labels):
+            raise ConfigError(f"--label: give one distinct label per --model ({len(models)}), got {list(labels)}")
+        return list(labels)
+    found: list[str] = []
+    for model in models:
+        label, n = target_label(model), 1
+        while label in found:
+            n += 1
+            label = f"{target_label(model)} #{n}"
+        found.append(label)
+    return found
+
+
+def evaluate_targets(
+    persona: Persona,
+    rubric: Rubric,
+    models: dict[str, Callable[[], Backend]],
+    config: GenerationConfig,
+    sampling: Sampling,
+    ui,
+) -> list[RubricResult]:
+    """Evaluate each model in turn with the same decoding and sampling.
+
+    Args:
+        persona, rubric: as for ``evaluate``.
+        models: label -> a function opening the model's Backend (called once, closed after).
+        config, sampling: as for ``evaluate``, the same for every model.
+        ui: progress reporter with ``step(title)`` and ``bar(title, total)`` (see ``molting.pipeline.run``).
+
+    Returns:
+        One RubricResult per model, in ``models``' order.
+    """
+    results = []
+    for label, open_backend in models.items():
+        ui.step(f"Rubric v{rubric.version} on {label} ({sampling.n} answer(s) per question)")
+        backend = open_backend()
+        try:
+            with ui.bar(f"rubric: {label}", len(rubric.questions)) as advance:
+                result = evaluate(
+                    backend, persona, rubric, config, label=label, sampling=sampling, progress=lambda i: advance(i + 1)
+                )
+        finally:
+            backend.close()
+        results.append(result)
+    return results
