@@ -9,7 +9,9 @@ An architecture is a small flat class (see ``llama.py``) with:
   projections stay fused), so the same mapping names LoRA matrices. The writer runs it
   twice: first on read-only zero-stride placeholders (for the header: only names and
   shapes may come out of it, so it must not branch on values or write into its inputs),
-  then on the weights;
+  then on the weights as stored (float32, float16, or BF16 as uint16 bit patterns,
+  converted by the writer afterwards), so it may rename, reshape and permute them but
+  must not compute on their values;
 - ``extra_tensors(config)``: tensors made from the config rather than the weights
   (Phi-3's long/short RoPE factors), written after the weights; usually none.
 
