@@ -4,6 +4,8 @@ A persona's ``rubric.yaml``::
 
     version: "1.0"
     known_entities: ["JavaScript", ...]   # names an answer may use beyond persona + dataset
+    wrong:                                # persona-wide: false whatever the question
+      - ["João é uma IA", "João é uma inteligência artificial"]
     questions:
       - id: joao
         prompt: "Quem é o João?"
@@ -60,6 +62,16 @@ UNKNOWN_ENTITY_PENALTY = 1.0
 MAX_UNKNOWN_PENALTY = 3.0
 COLLAPSE_CAP = 2.0
 LOOP_THRESHOLD = 0.2
+# Fluency: points lost per unit share of invented words (10% invented costs 2), and the cap
+# for answers that are largely invented.
+FLUENCY_PENALTY = 20.0
+FLUENCY_CAP_SHARE = 0.25
+FLUENCY_CAP = 3.0
+# Prompt copying: points lost per unit share of word 4-grams copied from the system prompt,
+# above a tolerance for short common phrases; a second-person self-reference costs a flat amount.
+COPY_PENALTY = 6.0
+COPY_TOLERANCE = 0.1
+SECOND_PERSON_PENALTY = 2.0
 
 
 @dataclass(frozen=True)
@@ -75,11 +87,17 @@ class Question:
 
 @dataclass(frozen=True)
 class Rubric:
-    """A versioned list of questions, plus entity names answers may use."""
+    """A versioned list of questions, entity names answers may use, and persona-wide wrong statements.
+
+    ``wrong`` groups are false whatever the question (the partner described as the AI,
+    the persona claiming the partner's role); they are checked on every answer, beside
+    each question's own ``wrong`` groups.
+    """
 
     version: str
     questions: list[Question]
     known_entities: list[str] = field(default_factory=list)
+    wrong: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -191,9 +209,10 @@ def default_rubric(persona: Persona) -> Rubric:
 def _parse_rubric(data: object, path: Path) -> Rubric:
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list) or not data["questions"]:
         raise PersonaError(f"{path}: expected a mapping with a non-empty 'questions' list")
-    unknown = sorted(set(data) - {"version", "questions", "known_entities"})
+    allowed = ["known_entities", "questions", "version", "wrong"]
+    unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise PersonaError(f"{path}: unknown key(s) {unknown}; allowed: ['known_entities', 'questions', 'version']")
+        raise PersonaError(f"{path}: unknown key(s) {unknown}; allowed: {allowed}")
     questions, seen = [], set()
     for i, item in enumerate(data["questions"]):
         question = _parse_question(item, f"{path}: questions[{i}]")
@@ -204,7 +223,8 @@ def _parse_rubric(data: object, path: Path) -> Rubric:
     known = data.get("known_entities", [])
     if not isinstance(known, list) or not all(isinstance(k, str) for k in known):
         raise PersonaError(f"{path}: 'known_entities' must be a list of strings")
-    return Rubric(str(data.get("version", "unversioned")), questions, known)
+    wrong = _phrase_groups(data.get("wrong") or [], f"{path}: wrong")
+    return Rubric(str(data.get("version", "unversioned")), questions, known, wrong)
 
 
 def _parse_question(item: object, where: str) -> Question:
@@ -243,12 +263,20 @@ class Judge:
     Attributes:
         language: the persona's answer language (ISO 639-1).
         forbidden: identities the persona must never claim.
-        known: normalized names an answer may mention (persona, dataset, rubric).
+        known: normalized names and words an answer may use (persona, dataset, rubric).
+        names: the persona's own names, for third- and second-person identity checks.
+        wrong: the rubric's persona-wide ``wrong`` groups, checked on every question.
+        system_prompt: the text whose copying costs points (both of the persona's prompts).
+        own_words: the persona's dataset answers: phrases found there are not copying.
     """
 
     language: str
     forbidden: list[str]
     known: set[str]
+    names: list[str] = field(default_factory=list)
+    wrong: list[list[str]] = field(default_factory=list)
+    system_prompt: str = ""
+    own_words: list[str] = field(default_factory=list)
 
     @classmethod
     def for_persona(cls, persona: Persona, rubric: Rubric) -> Judge:
@@ -264,7 +292,16 @@ class Judge:
         texts += [m["content"] for conversation in persona.examples for m in conversation]
         for question in rubric.questions:
             texts += [question.prompt, *(p for group in question.facts for p in group)]
-        return cls(persona.language, list(persona.forbidden_identities), checks.vocabulary(texts))
+        own = [m["content"] for c in persona.examples for m in c if m["role"] == "assistant"]
+        return cls(
+            persona.language,
+            list(persona.forbidden_identities),
+            checks.vocabulary(texts),
+            names=persona.names,
+            wrong=rubric.wrong,
+            system_prompt=f"{persona.system_prompt}\n{persona.train_system_prompt}",
+            own_words=own + list(persona.identity),
+        )
 
     def score(self, question: Question, answer: str, finish_reason: str | None = None) -> QuestionScore:
         """Score ``answer`` to ``question``.
@@ -288,34 +325,68 @@ class Judge:
         missing = [" / ".join(g[:3]) for g, h in zip(question.facts, hits, strict=True) if h is None]
         result.check("facts", not missing, f"missing facts ({found}/{len(hits)}): " + "; ".join(missing))
 
-        claims = checks.identity_claims(answer, self.forbidden)
+        claims = checks.identity_claims(answer, self.forbidden, self.names)
         result.check("identity", not claims, f"identity collapse: claims to be {', '.join(claims)}", IDENTITY_POINTS)
+        wrong = self._wrong(question, answer, result)
+        expected = question.language or self.language
+        self._form(answer, expected, finish_reason, result)
+        self._invented(answer, expected, wrong, result)
+        self._copying(answer, result)
+        if claims:
+            result.cap = min(result.cap, COLLAPSE_CAP)
+        return result.finish(question, answer, finish_reason)
 
-        wrong = [h for h in checks.matched_groups(answer, question.wrong) if h is not None]
+    def _wrong(self, question: Question, answer: str, result: _Tally) -> list[str]:
+        """The question's and the persona-wide ``wrong`` groups: -WRONG_PENALTY per group present."""
+        groups = [*question.wrong, *(g for g in self.wrong if g not in question.wrong)]
+        wrong = [h for h in checks.matched_groups(answer, groups) if h is not None]
         result.points -= WRONG_PENALTY * len(wrong)
         result.check("wrong", not wrong, "wrong: " + ", ".join(f'"{w}"' for w in wrong) + f" (-{WRONG_PENALTY:g} each)")
+        return wrong
 
-        expected = question.language or self.language
+    @staticmethod
+    def _form(answer: str, expected: str, finish_reason: str | None, result: _Tally) -> None:
+        """Language, truncation and loops: a point each."""
         detected = checks.detect_language(answer)
-        language_ok = detected in (None, expected)
-        result.check("language", language_ok, f"answers in {detected}, expected {expected}", 1.0)
-
+        result.check("language", detected in (None, expected), f"answers in {detected}, expected {expected}", 1.0)
         truncated = checks.is_truncated(answer, finish_reason)
         result.check("truncated", not truncated, "cut mid-sentence at max_new_tokens", 1.0)
-
         ratio = checks.repetition_ratio(answer)
         result.check("repetition", ratio <= LOOP_THRESHOLD, f"loops: {ratio:.0%} of 4-grams repeated", 1.0)
 
+    def _invented(self, answer: str, language: str, wrong: list[str], result: _Tally) -> None:
+        """Unknown names (-1 each, at most -3) and invented words (fluency: points scale with the share)."""
         wrong_words = {checks.normalize(w) for phrase in wrong for w in phrase.split()}
         unknown = [e for e in checks.unknown_entities(answer, self.known) if checks.normalize(e) not in wrong_words]
         result.points -= min(MAX_UNKNOWN_PENALTY, UNKNOWN_ENTITY_PENALTY * len(unknown))
         result.check("entities", not unknown, "unknown entities (hallucinated?): " + ", ".join(unknown))
-        return result.finish(question, answer, finish_reason, cap=COLLAPSE_CAP if claims else MAX_SCORE)
+
+        share, invented = checks.invented_share(answer, language, self.known)
+        result.points -= FLUENCY_PENALTY * share
+        if share >= FLUENCY_CAP_SHARE:
+            result.cap = min(result.cap, FLUENCY_CAP)
+        shown = ", ".join(dict.fromkeys(invented[:6]))
+        result.check("fluency", not invented, f"invented words ({share:.0%}): {shown} (-{FLUENCY_PENALTY * share:.1f})")
+
+    def _copying(self, answer: str, result: _Tally) -> None:
+        """The system prompt read back: copied n-grams (points scale with the share) and "você é o Cláudio"."""
+        share = checks.copied_share(answer, self.system_prompt, self.own_words)
+        copied = share > COPY_TOLERANCE
+        if copied:
+            result.points -= COPY_PENALTY * share
+        cost = COPY_PENALTY * share
+        result.check("copying", not copied, f"{share:.0%} of 4-grams copied from the system prompt (-{cost:.1f})")
+        selves = checks.second_person_self_references(answer, self.names)
+        if selves:
+            result.points -= SECOND_PERSON_PENALTY
+        quoted = selves[0] if selves else ""
+        result.check("second-person", not selves, f'calls itself "você": "{quoted}" (-{SECOND_PERSON_PENALTY:g})')
 
 
 @dataclass
 class _Tally:
     points: float = 0.0
+    cap: float = MAX_SCORE
     reasons: list[str] = field(default_factory=list)
     passed: dict[str, bool] = field(default_factory=dict)
 
@@ -327,8 +398,9 @@ class _Tally:
         else:
             self.reasons.append(reason)
 
-    def finish(self, question: Question, answer: str, finish_reason: str | None, cap: float) -> QuestionScore:
-        score = round(min(cap, max(0.0, self.points)), 1)
+    def finish(self, question: Question, answer: str, finish_reason: str | None, cap: float = MAX_SCORE):
+        """The QuestionScore: points clipped to [0, min(cap, self.cap)], one decimal."""
+        score = round(min(cap, self.cap, max(0.0, self.points)), 1)
         return QuestionScore(question.id, question.prompt, answer, score, self.reasons, self.passed, finish_reason)
 
 
