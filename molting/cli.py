@@ -67,6 +67,14 @@ class RichUI:
             table.add_row(score.prompt, str(score.score), "; ".join(score.reasons) or "ok")
         console.print(table)
 
+    def lint(self, findings) -> None:
+        """Dataset lint findings, errors in red; a line saying so when there are none."""
+        if not findings:
+            console.print("[green]dataset lint: no findings")
+        for finding in findings:
+            colour = "red" if finding.severity == "error" else "yellow"
+            console.print(f"[{colour}]{finding}", highlight=False)
+
     def budget(self, report) -> None:
         s = report.summary()
         table = Table(title=f"token budget (max_length {s['max_length']})")
@@ -108,10 +116,13 @@ def _fail(exc: MoltingError) -> None:
 
 @app.command()
 def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: MaxLength = None) -> None:
-    """Check a persona directory and print its token budget with the model's tokenizer."""
+    """Check a persona directory, print its token budget with the model's tokenizer, and lint its dataset.
+
+    Exits with 1 when the lint finds an error (see ``molting.data.lint_dataset``).
+    """
     from transformers import AutoTokenizer
 
-    from molting.data import token_budget
+    from molting.data import lint_persona, token_budget
     from molting.models import resolve_base_model
     from molting.persona import Persona
     from molting.train import TrainConfig
@@ -123,9 +134,18 @@ def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: M
     except MoltingError as exc:
         _fail(exc)
     console.print(f"{persona.name}: {len(persona.examples)} examples, language {persona.language}")
+    budgets = {}
     for label, prompt in (("training", persona.train_system_prompt), ("inference", persona.system_prompt)):
         console.print(f"[bold]{label} system prompt")
-        RichUI().budget(token_budget(tokenizer, persona.examples, prompt, max_length))
+        budgets[label] = token_budget(tokenizer, persona.examples, prompt, max_length)
+        RichUI().budget(budgets[label])
+    try:
+        findings = lint_persona(persona, budgets["training"])
+    except MoltingError as exc:
+        _fail(exc)
+    RichUI().lint(findings)
+    if any(f.severity == "error" for f in findings):
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -140,7 +160,8 @@ def train(
     max_length: MaxLength = None,
     quantization: Quantization = "auto",
 ) -> None:
-    """Fine-tune a LoRA adapter on a persona."""
+    """Lint the persona's dataset, then fine-tune a LoRA adapter on it."""
+    from molting.data import lint_persona, raise_on_lint_errors
     from molting.persona import Persona
     from molting.train import train as run_training
     from molting.train import training_budget
@@ -150,7 +171,11 @@ def train(
         persona = Persona.load(persona_dir)
         config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization)
         out = out or Path("runs") / persona.slug
-        ui.budget(training_budget(persona, config))
+        budget = training_budget(persona, config)
+        findings = lint_persona(persona, budget)
+        ui.lint(findings)
+        raise_on_lint_errors(findings)
+        ui.budget(budget)
         with ui.bar("training", None) as advance:
             record = run_training(persona, out, config, on_step=lambda s, n, logs: advance(s, n))
     except MoltingError as exc:
@@ -269,7 +294,7 @@ def run_all(
     max_new_tokens: MaxNew = 200,
     repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
 ) -> None:
-    """Validate → budget → train → rubric (base, fine-tuned) → GGUF → rubric (llama.cpp) → report."""
+    """Validate → budget → lint → train → rubric (base, fine-tuned) → GGUF → rubric (llama.cpp) → report."""
     from molting.persona import Persona
     from molting.pipeline import RunConfig, run
 

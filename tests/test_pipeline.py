@@ -28,6 +28,9 @@ class SilentUI:
     def budget(self, report):
         self.steps.append(f"budget {report.summary()['examples']} examples")
 
+    def lint(self, findings):
+        self.steps.append(f"lint {len(findings)} findings")
+
 
 def make_persona(tmp_path):
     spec = {
