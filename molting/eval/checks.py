@@ -152,6 +152,29 @@ def matched_groups(answer: str, groups: Iterable[Iterable[str]]) -> list[str | N
     return [next((p for p in group if has_phrase(answer, p)), None) for group in groups]
 
 
+# A wrong statement preceded by one of these (at most one word between) is denied, not stated.
+_NEGATION = r"(?:nao|nunca|jamais|nem|not|never|isn't)"  # not "no": Portuguese "no" is "in the"
+
+
+def stated_groups(answer: str, groups: Iterable[Iterable[str]]) -> list[str | None]:
+    """``matched_groups`` for statements: a phrase denied right before it does not count.
+
+    "O João é meu filho" states "meu filho"; "o João não é meu filho" and "não sou o João"
+    deny it (a negation word at most one word before the phrase).
+    """
+    text = normalize(answer)
+
+    def stated(phrase: str) -> bool:
+        needle = re.escape(normalize(phrase))
+        for match in re.finditer(rf"(?<!\w){needle}(?!\w)", text):
+            before = text[: match.start()].split()[-2:]
+            if not any(re.fullmatch(_NEGATION, word) for word in before):
+                return True
+        return False
+
+    return [next((p for p in group if normalize(p) and stated(p)), None) for group in groups]
+
+
 def detect_language(answer: str, min_words: int = 4) -> str | None:
     """The ``STOPWORDS`` language with the most stopwords in ``answer``; None if undecidable.
 

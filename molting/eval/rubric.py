@@ -339,7 +339,7 @@ class Judge:
     def _wrong(self, question: Question, answer: str, result: _Tally) -> list[str]:
         """The question's and the persona-wide ``wrong`` groups: -WRONG_PENALTY per group present."""
         groups = [*question.wrong, *(g for g in self.wrong if g not in question.wrong)]
-        wrong = [h for h in checks.matched_groups(answer, groups) if h is not None]
+        wrong = [h for h in checks.stated_groups(answer, groups) if h is not None]
         result.points -= WRONG_PENALTY * len(wrong)
         result.check("wrong", not wrong, "wrong: " + ", ".join(f'"{w}"' for w in wrong) + f" (-{WRONG_PENALTY:g} each)")
         return wrong
