@@ -194,8 +194,9 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="write the result as JSON here")] = None,
     max_new_tokens: MaxNew = 200,
     repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
+    judge: Annotated[str, typer.Option(help="a second opinion: this model also grades the answers")] = None,
 ) -> None:
-    """Score a model on the persona's rubric by what it generates."""
+    """Score a model on the persona's rubric by what it generates (and, with --judge, by a model too)."""
     import json
 
     from molting.backends import load_backend
@@ -217,8 +218,33 @@ def evaluate(
     except MoltingError as exc:
         _fail(exc)
     ui.table(result)
+    data = result.to_dict()
+    if judge:
+        data["judge"] = _second_opinion(judge, persona, rubric, result)
     if out:
-        out.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        out.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _second_opinion(judge: str, persona, rubric, result) -> dict:
+    """Have ``judge`` grade ``result``'s answers; print both scores side by side."""
+    from dataclasses import asdict
+
+    from molting.backends import load_backend
+    from molting.eval.model_judge import model_opinions
+
+    try:
+        backend = load_backend(judge)
+        opinions = model_opinions(backend, persona, rubric, result)
+    except MoltingError as exc:
+        _fail(exc)
+    table = Table(title=f"{result.label}: molting's score beside {judge}'s (a second opinion, not the score)")
+    for column in ("question", "molting", "judge", "judge's reply"):
+        table.add_column(column)
+    for scored, opinion in zip(result.scores, opinions, strict=True):
+        shown = "unreadable" if opinion.score is None else f"{opinion.score:g}"
+        table.add_row(scored.prompt, f"{scored.score:g}", shown, opinion.reply.strip()[:120])
+    console.print(table)
+    return {"model": judge, "opinions": [asdict(o) for o in opinions]}
 
 
 @app.command()
