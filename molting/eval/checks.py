@@ -124,26 +124,39 @@ def identity_claims(answer: str, forbidden: Iterable[str], self_names: Iterable[
     return claims
 
 
-def second_person_self_references(answer: str, names: Iterable[str]) -> list[str]:
+def second_person_self_references(answer: str, names: Iterable[str], system_prompt: str = "") -> list[str]:
     """Statements in which the persona calls itself "você": its system prompt read back as its own answer.
 
-    "Você é o Cláudio", "você é uma IA", "seu nome é Cláudio", "you are Cláudio" said by
-    Cláudio (issue 12: the ``make demo`` GGUF answered "Me fala sobre você" this way).
+    "Você é o Cláudio", "você é uma IA", "você é curioso", "seu nome é Cláudio" said by
+    Cláudio; and, given ``system_prompt``, a sentence opening with "você" and a verb the prompt
+    uses for the persona ("Você ajuda a pensar", "Você participa do Molting"): issue 12's
+    ``make demo`` answers.
     Questions ("Você é o Cláudio?") are not statements and are skipped.
 
     Args:
         answer: the generated text.
-        names: the persona's names; ``AI_NOUNS`` are added.
+        names: the persona's names and traits; ``AI_NOUNS`` are added.
+        system_prompt: the persona's system prompt, written in the second person.
 
     Returns:
         The matched phrases (normalized), in order.
     """
-    targets = "|".join(re.escape(normalize(n)) for n in [*names, *AI_NOUNS])
-    pattern = re.compile(rf"(?<!\w){_SECOND_PERSON}\s+{_FILLER}(?:{targets})(?!\w)")
+    targets = "|".join(re.escape(normalize(n)) for n in [*names, *AI_NOUNS] if n.strip())
+    patterns = [rf"(?<!\w){_SECOND_PERSON}\s+{_FILLER}(?:{targets})(?!\w)"]
+    prompt = _copula_text(system_prompt)
+    verbs = set(re.findall(r"(?<!\w)(?:voce|you|tu|usted) (\w+)", prompt)) - {"eh", "are", "es"}
+    if verbs:
+        # Only as the sentence's subject: "se você conhece React" is about the user.
+        patterns.append(rf"^\W*(?:voce|you|tu|usted) (?:{'|'.join(map(re.escape, sorted(verbs)))})(?!\w)")
+    nouns = set(re.findall(r"(?<!\w)(?:seu|sua|your|tu) (\w+)", prompt))
+    if nouns:
+        # The prompt's possessives describe the persona: "seu parceiro", "seu jeito".
+        patterns.append(rf"(?<!\w)(?:seu|sua|your|tu) (?:{'|'.join(map(re.escape, sorted(nouns)))})(?!\w)")
     found = []
     for sentence in re.findall(r"[^.!?\n]+[.!?]?", answer):
         if not sentence.rstrip().endswith("?"):
-            found += [m.group() for m in pattern.finditer(_copula_text(sentence))]
+            text = _copula_text(sentence)
+            found += [m.group() for pattern in patterns for m in re.finditer(pattern, text)]
     return found
 
 
@@ -316,6 +329,25 @@ def invented_share(answer: str, language: str, known: set[str]) -> tuple[float, 
     words = words_of(answer)
     invented = invented_words(answer, language, known)
     return (len(invented) / len(words) if words else 0.0), invented
+
+
+def foreign_words(answer: str, language: str, known: set[str]) -> list[str]:
+    """Words of ``answer`` that are English and not words of ``language``: code-switching.
+
+    The research log's phase 9 saw Portuguese answers drift into English mid-sentence.
+    Words of the persona's vocabulary (``known``: "deploy", "stack") and names are not
+    counted. Empty when ``language`` is English.
+    """
+    if language == "en":
+        return []
+    own, english = word_list(language), word_list("en")
+    names = {normalize(e) for e in entity_candidates(answer)}
+    found = []
+    for word in words_of(answer):
+        norm = normalize(word)
+        if norm in english and norm not in own and norm not in known and norm not in names:
+            found.append(word)
+    return found
 
 
 def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:

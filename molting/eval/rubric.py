@@ -62,16 +62,18 @@ UNKNOWN_ENTITY_PENALTY = 1.0
 MAX_UNKNOWN_PENALTY = 3.0
 COLLAPSE_CAP = 2.0
 LOOP_THRESHOLD = 0.2
-# Fluency: points lost per unit share of invented words (10% invented costs 2), and the cap
-# for answers that are largely invented.
-FLUENCY_PENALTY = 20.0
-FLUENCY_CAP_SHARE = 0.25
-FLUENCY_CAP = 3.0
-# Prompt copying: points lost per unit share of word 4-grams copied from the system prompt,
-# above a tolerance for short common phrases; a second-person self-reference costs a flat amount.
+# Fluency: points lost per unit share of invented words. Fluent answers have none; 5% invented
+# (one word in 20) costs 3 points, and an answer a sixth invented cannot score at all.
+FLUENCY_PENALTY = 60.0
+# Code-switching: points lost per unit share of English words in an answer of another language.
+FOREIGN_PENALTY = 20.0
+# Prompt copying: points lost per unit share of word 4-grams copied from the system prompt (and
+# not from the persona's own dataset answers); a second-person self-reference costs a flat amount.
 COPY_PENALTY = 6.0
-COPY_TOLERANCE = 0.1
 SECOND_PERSON_PENALTY = 2.0
+# A persona-wide wrong statement (an identity rule broken: "o João é uma IA") caps the answer here;
+# the research log scored such answers 2-3 (phase 8: "João é meu filho" 2 and 3).
+IDENTITY_RULE_CAP = 3.0
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,7 @@ class Judge:
         forbidden: identities the persona must never claim.
         known: normalized names and words an answer may use (persona, dataset, rubric).
         names: the persona's own names, for third- and second-person identity checks.
+        traits: the persona's traits ("você é curioso", said by the persona, is its prompt read back).
         wrong: the rubric's persona-wide ``wrong`` groups, checked on every question.
         system_prompt: the text whose copying costs points (both of the persona's prompts).
         own_words: the persona's dataset answers: phrases found there are not copying.
@@ -274,6 +277,7 @@ class Judge:
     forbidden: list[str]
     known: set[str]
     names: list[str] = field(default_factory=list)
+    traits: list[str] = field(default_factory=list)
     wrong: list[list[str]] = field(default_factory=list)
     system_prompt: str = ""
     own_words: list[str] = field(default_factory=list)
@@ -298,6 +302,7 @@ class Judge:
             list(persona.forbidden_identities),
             checks.vocabulary(texts),
             names=persona.names,
+            traits=persona.traits,
             wrong=rubric.wrong,
             system_prompt=f"{persona.system_prompt}\n{persona.train_system_prompt}",
             own_words=own + list(persona.identity),
@@ -331,18 +336,29 @@ class Judge:
         expected = question.language or self.language
         self._form(answer, expected, finish_reason, result)
         self._invented(answer, expected, wrong, result)
+        self._fluency(answer, expected, wrong, result)
         self._copying(answer, result)
         if claims:
             result.cap = min(result.cap, COLLAPSE_CAP)
         return result.finish(question, answer, finish_reason)
 
     def _wrong(self, question: Question, answer: str, result: _Tally) -> list[str]:
-        """The question's and the persona-wide ``wrong`` groups: -WRONG_PENALTY per group present."""
-        groups = [*question.wrong, *(g for g in self.wrong if g not in question.wrong)]
-        wrong = [h for h in checks.stated_groups(answer, groups) if h is not None]
-        result.points -= WRONG_PENALTY * len(wrong)
-        result.check("wrong", not wrong, "wrong: " + ", ".join(f'"{w}"' for w in wrong) + f" (-{WRONG_PENALTY:g} each)")
-        return wrong
+        """The question's and the persona-wide ``wrong`` groups: -WRONG_PENALTY per group present.
+
+        A persona-wide group is an identity rule (who the persona and its partner are): a
+        hit also caps the answer at ``IDENTITY_RULE_CAP``. Returns the phrases found, whose
+        words are then not counted again as unknown entities.
+        """
+        own = question.wrong
+        shared = [g for g in self.wrong if g not in own]
+        hits = checks.stated_groups(answer, [*own, *shared])
+        present = [h for h in hits if h is not None]
+        result.points -= WRONG_PENALTY * len(present)
+        quoted = ", ".join(f'"{w}"' for w in present)
+        result.check("wrong", not present, f"wrong: {quoted} (-{WRONG_PENALTY:g} each)")
+        if any(h is not None for h in hits[len(own) :]):
+            result.cap = min(result.cap, IDENTITY_RULE_CAP)
+        return present
 
     @staticmethod
     def _form(answer: str, expected: str, finish_reason: str | None, result: _Tally) -> None:
@@ -355,28 +371,38 @@ class Judge:
         result.check("repetition", ratio <= LOOP_THRESHOLD, f"loops: {ratio:.0%} of 4-grams repeated", 1.0)
 
     def _invented(self, answer: str, language: str, wrong: list[str], result: _Tally) -> None:
-        """Unknown names (-1 each, at most -3) and invented words (fluency: points scale with the share)."""
+        """Unknown names: -1 each, at most -3; a wrong statement's own words are not counted again."""
         wrong_words = {checks.normalize(w) for phrase in wrong for w in phrase.split()}
         unknown = [e for e in checks.unknown_entities(answer, self.known) if checks.normalize(e) not in wrong_words]
         result.points -= min(MAX_UNKNOWN_PENALTY, UNKNOWN_ENTITY_PENALTY * len(unknown))
         result.check("entities", not unknown, "unknown entities (hallucinated?): " + ", ".join(unknown))
 
+    def _fluency(self, answer: str, language: str, wrong: list[str], result: _Tally) -> None:
+        """Invented words and English mid-answer: points lost in proportion to their share of the words.
+
+        Invented words cost ``FLUENCY_PENALTY`` per unit share. English words in an answer of another language cost
+        ``FOREIGN_PENALTY`` per unit share (an answer wholly in English fails ``language``).
+        """
         share, invented = checks.invented_share(answer, language, self.known)
         result.points -= FLUENCY_PENALTY * share
-        if share >= FLUENCY_CAP_SHARE:
-            result.cap = min(result.cap, FLUENCY_CAP)
         shown = ", ".join(dict.fromkeys(invented[:6]))
         result.check("fluency", not invented, f"invented words ({share:.0%}): {shown} (-{FLUENCY_PENALTY * share:.1f})")
+
+        wrong_words = {checks.normalize(w) for phrase in wrong for w in phrase.split()}
+        foreign = checks.foreign_words(answer, language, self.known | wrong_words)
+        mixed = bool(foreign) and checks.detect_language(answer) in (None, language)
+        share = len(foreign) / len(checks.words_of(answer)) if mixed else 0.0
+        result.points -= FOREIGN_PENALTY * share
+        shown = ", ".join(dict.fromkeys(foreign[:6]))
+        result.check("mixed", not mixed, f"English mid-answer ({share:.0%}): {shown} (-{FOREIGN_PENALTY * share:.1f})")
 
     def _copying(self, answer: str, result: _Tally) -> None:
         """The system prompt read back: copied n-grams (points scale with the share) and "você é o Cláudio"."""
         share = checks.copied_share(answer, self.system_prompt, self.own_words)
-        copied = share > COPY_TOLERANCE
-        if copied:
-            result.points -= COPY_PENALTY * share
-        cost = COPY_PENALTY * share
-        result.check("copying", not copied, f"{share:.0%} of 4-grams copied from the system prompt (-{cost:.1f})")
-        selves = checks.second_person_self_references(answer, self.names)
+        result.points -= COPY_PENALTY * share
+        cost = f"-{COPY_PENALTY * share:.1f}"
+        result.check("copying", share == 0, f"{share:.0%} of 4-grams copied from the system prompt ({cost})")
+        selves = checks.second_person_self_references(answer, [*self.names, *self.traits], self.system_prompt)
         if selves:
             result.points -= SECOND_PERSON_PENALTY
         quoted = selves[0] if selves else ""
