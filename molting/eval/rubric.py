@@ -17,22 +17,29 @@ A persona's ``rubric.yaml``::
 
 Scoring, 0-10 per question (``Judge.score``), from the checks of ``molting.eval.checks``:
 
-=====================  ==========================================================
-template tokens leaked  automatic 0
-expected facts          up to 6, in proportion to the ``facts`` groups present
-identity kept           1 (no first-person claim of a forbidden identity)
-language                1 (the expected language, or too short to tell)
-not cut mid-sentence    1
-not looping             1 (at most 20% repeated word 4-grams)
-wrong statements        -3 per ``wrong`` group present
-unknown entities        -1 each, at most -3 (names nowhere in persona, dataset, rubric)
-identity collapse       caps the question at 2
-=====================  ==========================================================
+=======================  ==========================================================
+template tokens leaked   automatic 0
+expected facts           up to 6, in proportion to the ``facts`` groups present
+identity kept            1 (no claim of a forbidden identity, in any grammatical person)
+language                 1 (the expected language, or too short to tell)
+not cut mid-sentence     1
+not looping              1 (at most 20% repeated word 4-grams)
+wrong statements         -3 per ``wrong`` group present (the question's and the persona-wide
+                         ones; a statement denied just before, "não é meu filho", is not one)
+unknown entities         -1 each, at most -3 (names nowhere in persona, dataset, rubric)
+invented words           -60 x their share of the words (5% invented costs 3)
+English mid-answer       -20 x the share of English words in an answer of another language
+prompt copying           -6 x the share of word 4-grams copied from the system prompt
+second-person self-ref.  -2 ("você é o Cláudio", "você ajuda a pensar", "seu parceiro")
+identity collapse        caps the question at 2
+persona-wide wrong       caps the question at 3 (an identity rule broken)
+=======================  ==========================================================
 
 Content carries the score: an on-topic answer in the right language with no fact at all
 gets 4, and one false statement ("o João é meu filho", the negative example the log saw
-learned backwards) costs as much as half the facts. With these weights the research
-log's hand scores are reproduced in kind: its phase 8 answers score about 3/10.
+learned backwards) costs as much as half the facts. The weights of the last five rows were
+set against ``examples/claudio/labelled.jsonl`` (51 answers labelled by hand, see README):
+Spearman 0.86 and a mean gap of +0.87 points there, held by ``tests/test_calibration.py``.
 
 The research log judged runs by these questions, by hand; molting judges by rules so
 that two runs are compared by the same judge (``molting.eval.report.compare``).
