@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -73,7 +74,7 @@ class RichUI:
             console.print("[green]dataset lint: no findings")
         for finding in findings:
             colour = "red" if finding.severity == "error" else "yellow"
-            console.print(f"[{colour}]{finding}", highlight=False)
+            console.print(f"[{colour}]{escape(str(finding))}", highlight=False)
 
     def budget(self, report) -> None:
         s = report.summary()
@@ -110,7 +111,7 @@ def _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization):
 
 
 def _fail(exc: MoltingError) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     raise typer.Exit(code=2)
 
 
