@@ -155,3 +155,24 @@ def test_a_windows_file_with_bom_and_crlf_reads_as_it_is(tmp_path):
     path.write_bytes(text.encode("utf-8") + b"\xef\xbb\xbf" + json.dumps(GOOD).encode())
     with pytest.raises(DatasetError, match=r":4: invalid JSON"):
         load_dataset(path)
+
+
+def test_molting_validate_prints_the_findings_and_fails_on_errors(tmp_path, tiny_llama_dir):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from molting.cli import app
+
+    persona_dir = tmp_path / "claudio"
+    shutil.copytree("examples/claudio", persona_dir)
+    clean = CliRunner().invoke(
+        app, ["validate", str(persona_dir), "--base", str(tiny_llama_dir), "--max-length", "4096"], terminal_width=200
+    )
+    assert clean.exit_code == 0 and "dataset lint: no findings" in clean.output
+    with (persona_dir / "dataset.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write("\n" + json.dumps(PLANTED[2][1], ensure_ascii=False) + "\n")
+    dirty = CliRunner().invoke(
+        app, ["validate", str(persona_dir), "--base", str(tiny_llama_dir), "--max-length", "4096"], terminal_width=200
+    )
+    assert dirty.exit_code == 1 and "error [template-tokens] messages[1]: <|im_end|>" in dirty.output
