@@ -49,3 +49,25 @@ def test_the_prompt_is_fixed_and_filled_from_the_rubric(claudio):
     prompt = judge_prompt(claudio, rubric.questions[0], "Oi")
     assert prompt.startswith(JUDGE_PROMPT.split("{", 1)[0]) and "{" not in prompt
     assert "- João Figueiredo / Figueiredo" in prompt and "fluent Portuguese" in prompt
+
+
+def test_molting_eval_judge_prints_both_scores_and_stores_them(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    import molting.backends
+    from molting.cli import app
+
+    model = FakeBackend(["O João Figueiredo é desenvolvedor full-stack e meu parceiro de trabalho na Softtor."])
+    judge = FakeBackend(["SCORE: 9 - right facts"])
+    monkeypatch.setattr(molting.backends, "load_backend", lambda path, **kw: judge if path == "judge.gguf" else model)
+    out = tmp_path / "eval.json"
+    args = ["eval", "examples/claudio", "--model", "m.gguf", "--judge", "judge.gguf", "--out", str(out)]
+    result = CliRunner().invoke(app, args, terminal_width=200)
+
+    assert result.exit_code == 0, result.output
+    assert "molting's score beside judge.gguf's" in result.output and "SCORE: 9 - right facts" in result.output
+    saved = json.loads(out.read_text())
+    assert saved["scores"][0]["score"] == 10 and saved["judge"]["model"] == "judge.gguf"
+    assert [o["score"] for o in saved["judge"]["opinions"]] == [9.0] * 8
