@@ -127,7 +127,7 @@ def test_compare_calls_the_phase_8_regression_a_regression(claudio, rubric):
     after = evaluate(FakeBackend(PHASE_8), claudio, rubric, label="phase 8")
     # The log scored phase 8 at 26/80 = 3.25/10 by hand. The scorer is held to hand labels within a
     # mean gap of 1.0 point (test_calibration.py); its persona-wide identity rules cap "João é meu
-    # filho" answers at 3, which puts these answers at about 2.7.
+    # filho" answers at 3, which puts these answers at about 2.5.
     assert before.mean >= 8 and abs(after.mean - 3.25) <= 1.0
     comparison = compare(before, after)
     assert comparison.verdict == "regression" and comparison.delta < -4
@@ -168,7 +168,7 @@ def test_tables_show_every_result_side_by_side(claudio, rubric):
     b = evaluate(FakeBackend(PHASE_8), claudio, rubric, label="fine-tuned")
     table = rubric_table([a, b])
     assert table.splitlines()[0] == "| question | base | fine-tuned |"
-    assert "| Me fala sobre você | 10 | 1.5 (identity) |" in table
+    assert "| Me fala sobre você | 10 | 0.9 (identity) |" in table
     assert f"**{b.total:g}/80**" in table
     assert "meu filho" in reasons_section(b)
 

@@ -24,6 +24,8 @@ identity kept            1 (no claim of a forbidden identity, in any grammatical
 language                 1 (the expected language, or too short to tell)
 not cut mid-sentence     1
 not looping              1 (at most 20% repeated word 4-grams)
+                         (these four form points are earned at 3/4 by an answer with no
+                         fact, in full with all its facts)
 wrong statements         -3 per ``wrong`` group present (the question's and the persona-wide
                          ones; a statement denied just before, "não é meu filho", is not one)
 unknown entities         -1 each, at most -3 (names nowhere in persona, dataset, rubric)
@@ -35,11 +37,11 @@ identity collapse        caps the question at 2
 persona-wide wrong       caps the question at 3 (an identity rule broken)
 =======================  ==========================================================
 
-Content carries the score: an on-topic answer in the right language with no fact at all
-gets 4, and one false statement ("o João é meu filho", the negative example the log saw
-learned backwards) costs as much as half the facts. The weights of the last five rows were
-set against ``examples/claudio/labelled.jsonl`` (51 answers labelled by hand, see README):
-Spearman 0.86 and a mean gap of +0.87 points there, held by ``tests/test_calibration.py``.
+Content carries the score: an answer in the right language with no fact at all gets 3,
+and one false statement ("o João é meu filho", the negative example the log saw
+learned backwards) costs as much as half the facts. The form scaling and the weights of
+the rows from "invented words" down were set against ``examples/claudio/labelled.jsonl`` (51 answers labelled by hand, see README):
+Spearman 0.87 and a mean gap of +0.59 points there, held by ``tests/test_calibration.py``.
 
 The research log judged runs by these questions, by hand; molting judges by rules so
 that two runs are compared by the same judge (``molting.eval.report.compare``).
@@ -68,6 +70,9 @@ WRONG_PENALTY = 3.0
 UNKNOWN_ENTITY_PENALTY = 1.0
 MAX_UNKNOWN_PENALTY = 3.0
 COLLAPSE_CAP = 2.0
+# Form points (identity, language, an ending, no loop) are earned in full by an answer with all its
+# facts and at this fraction by one with none: form without content is not an answer.
+FORM_FLOOR = 0.75
 LOOP_THRESHOLD = 0.2
 # Fluency: points lost per unit share of invented words. Fluent answers have none; 5% invented
 # (one word in 20) costs 3 points, and an answer a sixth invented cannot score at all.
@@ -333,7 +338,10 @@ class Judge:
 
         hits = checks.matched_groups(answer, question.facts)
         found = sum(h is not None for h in hits)
-        result.points += FACT_POINTS * found / len(hits) if hits else FACT_POINTS
+        share = found / len(hits) if hits else 1.0
+        result.points += FACT_POINTS * share
+        # Form (identity, language, an ending, no loop) is worth its points in an answer that answers.
+        result.form = FORM_FLOOR + (1 - FORM_FLOOR) * share
         missing = [" / ".join(g[:3]) for g, h in zip(question.facts, hits, strict=True) if h is None]
         result.check("facts", not missing, f"missing facts ({found}/{len(hits)}): " + "; ".join(missing))
 
@@ -420,6 +428,7 @@ class Judge:
 class _Tally:
     points: float = 0.0
     cap: float = MAX_SCORE
+    form: float = 1.0
     reasons: list[str] = field(default_factory=list)
     passed: dict[str, bool] = field(default_factory=dict)
 
@@ -427,7 +436,7 @@ class _Tally:
         """Record a check; ``points`` are earned if it passed, ``reason`` kept if it failed."""
         self.passed[name] = ok
         if ok:
-            self.points += points
+            self.points += points * self.form
         else:
             self.reasons.append(reason)
 
