@@ -40,8 +40,9 @@ persona-wide wrong       caps the question at 3 (an identity rule broken)
 Content carries the score: an answer in the right language with no fact at all gets 3,
 and one false statement ("o João é meu filho", the negative example the log saw
 learned backwards) costs as much as half the facts. The form scaling and the weights of
-the rows from "invented words" down were set against ``examples/claudio/labelled.jsonl`` (51 answers labelled by hand, see README):
-Spearman 0.87 and a mean gap of +0.59 points there, held by ``tests/test_calibration.py``.
+the rows from "invented words" down were set against ``examples/claudio/labelled.jsonl``
+(51 answers labelled by hand, see README): Spearman 0.87 and a mean gap of +0.59 points
+there, held by ``tests/test_calibration.py``.
 
 The research log judged runs by these questions, by hand; molting judges by rules so
 that two runs are compared by the same judge (``molting.eval.report.compare``).
@@ -122,7 +123,8 @@ class QuestionScore:
         score: 0-10, one decimal.
         reasons: why points were lost, one short phrase each; empty when none were.
         checks: check name -> passed (``leak``, ``identity``, ``facts``, ``wrong``,
-            ``language``, ``truncated``, ``repetition``, ``entities``).
+            ``language``, ``truncated``, ``repetition``, ``entities``, ``fluency``, ``mixed``,
+            ``copying``, ``second-person``).
         finish_reason: the backend's, "stop" or "length".
     """
 
