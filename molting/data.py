@@ -205,11 +205,14 @@ def lint_dataset(
     self_names: Iterable[str] = (),
     rubric_prompts: Iterable[str] = (),
     budget: BudgetReport | None = None,
+    wrong: Iterable[Iterable[str]] = (),
 ) -> list[LintFinding]:
     """Read every example of a dataset for what a model should not learn, before training.
 
     Errors: an answer holding template tokens (``<|im_end|>``, a bare ``assistant`` line),
-    an answer claiming a forbidden identity in any person ("sou o João", "você é o João"),
+    an answer claiming a forbidden identity in any person ("sou o João", "você é o João") or
+    stating one of the rubric's persona-wide ``wrong`` statements ("o João é meu pai"; a denial,
+    "o João não é meu pai", is not one),
     a user turn that is a rubric question verbatim or nearly (difflib ratio >= ``NEAR_VERBATIM``
     on normalized text). Warnings: an answer in neither the persona's language nor the
     language of the user's last question (not judged while no question's language is
@@ -223,6 +226,7 @@ def lint_dataset(
         self_names: the persona's names, for third-person claims ("o Cláudio é o João").
         rubric_prompts: the evaluation questions.
         budget: ``token_budget`` of this dataset; its truncated examples become warnings.
+        wrong: the rubric's persona-wide ``wrong`` phrase groups.
 
     Returns:
         Findings in line order.
@@ -231,11 +235,11 @@ def lint_dataset(
         DatasetError: the file cannot be read (see ``load_dataset``).
     """
     examples = numbered_examples(path)
-    forbidden, self_names = list(forbidden), list(self_names)
     questions = {_plain(p): p for p in rubric_prompts}
+    rules = Rules(list(forbidden), list(self_names), [list(g) for g in wrong])
     findings, seen = [], {}
     for index, (line, conversation) in enumerate(examples, start=1):
-        found = _lint_turns(conversation, language, forbidden, self_names, questions)
+        found = _lint_turns(conversation, language, rules, questions)
         key = json.dumps(conversation, ensure_ascii=False)
         if key in seen:
             found.append(("duplicate", f"repeats line {seen[key]}", "warning"))
@@ -250,7 +254,16 @@ def lint_dataset(
     return findings
 
 
-def _lint_turns(conversation: Conversation, language: str, forbidden, self_names, questions) -> list[tuple]:
+@dataclass(frozen=True)
+class Rules:
+    """Who the persona must not be, for ``lint_dataset``: forbidden names, own names, wrong statements."""
+
+    forbidden: list[str]
+    self_names: list[str]
+    wrong: list[list[str]]
+
+
+def _lint_turns(conversation: Conversation, language: str, rules: Rules, questions: dict[str, str]) -> list[tuple]:
     """(check, message, severity) for each problem in one conversation's turns."""
     found = []
     asked = None
@@ -263,8 +276,10 @@ def _lint_turns(conversation: Conversation, language: str, forbidden, self_names
             continue
         if leaked := checks.leaked_tokens(text):
             found.append(("template-tokens", f"{where}: {', '.join(leaked)}", "error"))
-        if claims := checks.identity_claims(text, forbidden, self_names):
+        if claims := checks.identity_claims(text, rules.forbidden, rules.self_names):
             found.append(("identity", f"{where}: claims to be {', '.join(claims)}: {_quote(text)}", "error"))
+        elif stated := [h for h in checks.stated_groups(text, rules.wrong) if h is not None]:
+            found.append(("identity", f"{where}: states {', '.join(map(repr, stated))}: {_quote(text)}", "error"))
         detected = checks.detect_language(text)
         if asked is not None and detected not in (None, language, asked):
             found.append(
@@ -304,8 +319,10 @@ def lint_persona(persona: Persona, budget: BudgetReport | None = None) -> list[L
     path = persona.root / DATASET_FILE if persona.root else None
     if path is None or not path.is_file():
         return []
-    prompts = [q.prompt for q in load_rubric(persona).questions]
-    return lint_dataset(path, persona.language, persona.forbidden_identities, persona.names, prompts, budget)
+    rubric = load_rubric(persona)
+    prompts = [q.prompt for q in rubric.questions]
+    names = persona.names
+    return lint_dataset(path, persona.language, persona.forbidden_identities, names, prompts, budget, rubric.wrong)
 
 
 def raise_on_lint_errors(findings: list[LintFinding]) -> None:

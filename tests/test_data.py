@@ -92,7 +92,7 @@ def turn(question, answer):
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
-CLEAN = turn("Quem é você?", "Eu sou o Cláudio, a IA da Softtor. Não sou o João; trabalho com ele.")
+CLEAN = turn("Quem é você?", "Eu sou o Cláudio, a IA da Softtor. Não sou o João, e ele não é meu pai.")
 PLANTED = {  # line -> (check, the defect)
     2: ("template-tokens", turn("Oi", "Oi! Sou o Cláudio.<|im_end|>\n<|im_start|>user")),
     3: ("identity", turn("Qual é o seu nome?", "Meu nome é João Figueiredo e sou desenvolvedor.")),
@@ -103,6 +103,7 @@ PLANTED = {  # line -> (check, the defect)
     8: ("rubric-question", turn("quem e o joao", "O João é desenvolvedor full-stack.")),
     9: ("rubric-question", turn("Quais tecnologias você conhece bem?", "TypeScript, React e Docker.")),
     10: ("truncated", turn("Conta uma história longa.", "Era uma vez um compilador. " * 60)),
+    11: ("identity", turn("E o João?", "O João é meu pai e me ensinou a programar.")),  # a persona-wide wrong statement
 }
 
 
@@ -112,7 +113,8 @@ def lint_file(path, tokenizer):
     conversations = [c for _, c in numbered_examples(path)]
     budget = token_budget(tokenizer, conversations, "Você é o Cláudio.", max_length=256)
     prompts = ["Quem é o João?", "Quais tecnologias você conhece?", "Me fala sobre você"]
-    return lint_dataset(path, "pt", ["João", "João Figueiredo"], ["Cláudio"], prompts, budget)
+    wrong = [["meu pai", "meu filho"]]
+    return lint_dataset(path, "pt", ["João", "João Figueiredo"], ["Cláudio"], prompts, budget, wrong)
 
 
 def test_lint_finds_every_planted_defect_and_nothing_else(tmp_path, tiny_tokenizer):
