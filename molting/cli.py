@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -123,6 +124,13 @@ class RichUI:
                     f"[yellow]{check.quant}: {check.stop.replies - check.stop.stopped} of {check.stop.replies} "
                     f"replies did not stop by themselves; leaked: {check.stop.leaks or 'nothing'}"
                 )
+    def lint(self, findings) -> None:
+        """Dataset lint findings, errors in red; a line saying so when there are none."""
+        if not findings:
+            console.print("[green]dataset lint: no findings")
+        for finding in findings:
+            colour = "red" if finding.severity == "error" else "yellow"
+            console.print(f"[{colour}]{escape(str(finding))}", highlight=False)
 
     def budget(self, report) -> None:
         s = report.summary()
@@ -165,10 +173,13 @@ def _fail(exc: Exception) -> None:
 
 @app.command()
 def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: MaxLength = None) -> None:
-    """Check a persona directory and print its token budget with the model's tokenizer."""
+    """Check a persona directory, print its token budget with the model's tokenizer, and lint its dataset.
+
+    Exits with 1 when the lint finds an error (see ``molting.data.lint_dataset``).
+    """
     from transformers import AutoTokenizer
 
-    from molting.data import token_budget
+    from molting.data import lint_persona, token_budget
     from molting.models import resolve_base_model
     from molting.persona import Persona
     from molting.train import TrainConfig
@@ -180,9 +191,18 @@ def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: M
     except MoltingError as exc:
         _fail(exc)
     console.print(f"{persona.name}: {len(persona.examples)} examples, language {persona.language}")
+    budgets = {}
     for label, prompt in (("training", persona.train_system_prompt), ("inference", persona.system_prompt)):
         console.print(f"[bold]{label} system prompt")
-        RichUI().budget(token_budget(tokenizer, persona.examples, prompt, max_length))
+        budgets[label] = token_budget(tokenizer, persona.examples, prompt, max_length)
+        RichUI().budget(budgets[label])
+    try:
+        findings = lint_persona(persona, budgets["training"])
+    except MoltingError as exc:
+        _fail(exc)
+    RichUI().lint(findings)
+    if any(f.severity == "error" for f in findings):
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -198,8 +218,9 @@ def train(
     quantization: Quantization = "auto",
     runs: Runs = Path("runs"),
 ) -> None:
-    """Fine-tune a LoRA adapter on a persona."""
+    """Lint the persona's dataset, then fine-tune a LoRA adapter on it."""
     from molting import registry
+    from molting.data import lint_persona, raise_on_lint_errors
     from molting.persona import Persona
     from molting.train import train as run_training
     from molting.train import training_budget
@@ -209,7 +230,11 @@ def train(
         persona = Persona.load(persona_dir)
         config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization)
         out = out or Path("runs") / persona.slug
-        ui.budget(training_budget(persona, config))
+        budget = training_budget(persona, config)
+        findings = lint_persona(persona, budget)
+        ui.lint(findings)
+        raise_on_lint_errors(findings)
+        ui.budget(budget)
         with ui.bar("training", None) as advance:
             record = run_training(persona, out, config, on_step=lambda s, n, logs: advance(s, n))
         artifacts = {"adapter": out / "adapter", "run_json": out / "run.json"}
@@ -240,8 +265,10 @@ def evaluate(
     repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
     samples: Samples = Sampling.n,
     runs: Runs = Path("runs"),
+    judge: Annotated[str, typer.Option(help="a second opinion: this model also grades the answers")] = None,
 ) -> None:
-    """Score models on the persona's rubric by what they generate; several side by side, with retention."""
+    """Score models on the persona's rubric by what they generate; several side by side, with retention
+    (and, with --judge, a model's second opinion beside molting's score)."""
     import json
 
     from rich.markdown import Markdown
@@ -275,8 +302,12 @@ def evaluate(
         console.rule(f"[bold]retention against {results[0].label}")
         console.print(Markdown(retention_table(results)))
     console.print(f"registered: {entry.root}")
+    data = [r.to_dict() for r in results]
+    if judge:
+        for result, saved in zip(results, data, strict=True):
+            saved["judge"] = _second_opinion(judge, persona, rubric, result)
     if out:
-        out.write_text(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))
+        out.write_text(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 @app.command(name="compare")
@@ -312,6 +343,28 @@ def compare_command(
     console.print(Markdown(text))
     if out:
         out.write_text(text, encoding="utf-8")
+
+
+def _second_opinion(judge: str, persona, rubric, result) -> dict:
+    """Have ``judge`` grade ``result``'s answers; print both scores side by side."""
+    from dataclasses import asdict
+
+    from molting.backends import load_backend
+    from molting.eval.model_judge import model_opinions
+
+    try:
+        backend = load_backend(judge)
+        opinions = model_opinions(backend, persona, rubric, result)
+    except MoltingError as exc:
+        _fail(exc)
+    table = Table(title=f"{result.label}: molting's score beside {judge}'s (a second opinion, not the score)")
+    for column in ("question", "molting", "judge", "judge's reply"):
+        table.add_column(column)
+    for scored, opinion in zip((q.greedy for q in result.questions), opinions, strict=True):
+        shown = "unreadable" if opinion.score is None else f"{opinion.score:g}"
+        table.add_row(scored.prompt, f"{scored.score:g}", shown, opinion.reply.strip()[:120])
+    console.print(table)
+    return {"model": judge, "opinions": [asdict(o) for o in opinions]}
 
 
 @app.command()
@@ -430,7 +483,7 @@ def run_all(
     samples: Samples = Sampling.n,
     runs: Runs = Path("runs"),
 ) -> None:
-    """Validate → budget → train → rubric (base, fine-tuned) → GGUF → rubric (llama.cpp) → report."""
+    """Validate → budget → lint → train → rubric (base, fine-tuned) → GGUF → rubric (llama.cpp) → report."""
     from molting.export.verify import VerifyConfig
     from molting.persona import Persona
     from molting.pipeline import RunConfig, run

@@ -1,6 +1,6 @@
 """``molting run``: the whole path, one step after another.
 
-validate → token budget → LoRA → merge → rubric on base and fine-tuned (transformers)
+validate → token budget → dataset lint → LoRA → merge → rubric on base and fine-tuned (transformers)
 → GGUF (F16, then the chosen quant) → rubric on the GGUF (llama.cpp) → report.
 
 Every step writes into one run directory::
@@ -93,6 +93,7 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
         persona: a loaded persona (``Persona.load`` validated it and its dataset).
         config: see RunConfig.
         ui: progress reporter with ``step(title)``, ``budget(report)`` (a BudgetReport),
+            ``lint(findings)`` (``molting.data.LintFinding`` list),
             ``bar(title, total)`` (a context manager yielding ``advance(done, total=None)``),
             ``table(result)`` (a RubricResult) and ``verify(report)`` (a VerifyReport); the CLI
             passes a rich one, tests a silent one.
@@ -128,11 +129,21 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
 
 
 def _budget(persona: Persona, config: RunConfig, ui) -> None:
-    """Print the token budget before any training step: truncated examples are visible up front."""
+    """Token budget and dataset lint before any training step; a lint error stops the run.
+
+    Raises:
+        DatasetError: the lint found an error (``molting.data.lint_dataset``).
+    """
+    from molting.data import lint_persona, raise_on_lint_errors
     from molting.train import training_budget
 
     ui.step(f"Token budget (max_length {config.train.max_length}, {config.train.base_model}'s chat template)")
-    ui.budget(training_budget(persona, config.train))
+    budget = training_budget(persona, config.train)
+    ui.budget(budget)
+    ui.step("Dataset lint")
+    findings = lint_persona(persona, budget)
+    ui.lint(findings)
+    raise_on_lint_errors(findings)
 
 
 def _train(persona, config: RunConfig, out: Path, ui):

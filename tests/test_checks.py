@@ -82,3 +82,46 @@ def test_unknown_entities_ignore_sentence_starts_and_known_names():
     known = checks.vocabulary(["Conheço TypeScript, React e Docker.", "Node.js"])
     answer = "Eu conheço TypeScript e Node.js. Também uso ROS2, MATLAB e o framework Hector. Olá!"
     assert checks.unknown_entities(answer, known) == ["ROS2", "MATLAB", "Hector"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "claims"),
+    [
+        ("Você é o João, desenvolvedor.", ["João"]),  # the second person of a recited prompt (phase 8, Q5)
+        ("O Cláudio é o João.", ["João"]),  # third person
+        ("Eu não sou o João; sou o Cláudio.", []),  # a denial is not a claim
+        ("Você e o João construíram o CRM.", []),  # "e" (and) is not "é" (is)
+    ],
+)
+def test_identity_claims_in_any_grammatical_person(answer, claims):
+    assert checks.identity_claims(answer, ["João"], self_names=["Cláudio"]) == claims
+
+
+def test_second_person_self_reference_is_the_prompt_read_back():
+    names = ["Cláudio", "Claudio"]
+    assert checks.second_person_self_references("Você é o Cláudio, a IA da Softtor.", names) == ["voce eh o claudio"]
+    assert checks.second_person_self_references("Oi! Você é uma IA e trabalha com o João.", names) == ["voce eh uma ia"]
+    assert checks.second_person_self_references("Sou o Cláudio. Você é o João?", names) == []
+    assert checks.second_person_self_references("Eu sou o Cláudio, uma IA.", names) == []
+
+
+def test_invented_words_are_counted_and_persona_words_are_known():
+    # Words the make demo run's models invented (issue 12).
+    answer = "A Softtor tem rúzes e modelõoes de cântenseção com pròcilidades."
+    share, invented = checks.invented_share(answer, "pt", checks.vocabulary(["Softtor"]))
+    assert invented == ["rúzes", "modelõoes", "cântenseção", "pròcilidades"] and share == 0.4
+    # Persona vocabulary, Brazilian spellings of European-Portuguese words, English loanwords, names.
+    fluent = "Sou curioso e levemente irônico; faço deploy no Docker e reviso o código tipado do ROS2."
+    assert checks.invented_words(fluent, "pt", checks.vocabulary(["tipado", "Docker"])) == []
+    assert checks.invented_words(fluent, "pt", set()) == ["tipado"]
+    assert checks.invented_share("", "pt", set()) == (0.0, [])
+
+
+def test_copied_share_counts_prompt_ngrams_not_in_the_persona_s_own_answers():
+    prompt = "O João é seu parceiro: ele define os rumos do produto e você ajuda a pensar, escrever e revisar o código."
+    pasted = "Você ajuda a pensar, escrever e revisar o código."
+    assert checks.copied_share(pasted, prompt) == 1.0
+    assert checks.copied_share("Eu reviso o código e penso junto com o João.", prompt) == 0.0
+    # Phrasing the persona itself uses in its dataset is not copying.
+    assert checks.copied_share(pasted, prompt, exempt=["você ajuda a pensar, escrever e revisar"]) == 2 / 6
+    assert checks.copied_share("Oi", prompt) == 0.0

@@ -31,6 +31,8 @@ class SilentUI:
     def verify(self, report):
         self.steps.append(f"verify {[f.quant for f in report.files]}")
         self.check = report
+    def lint(self, findings):
+        self.steps.append(f"lint {len(findings)} findings")
 
 
 def make_persona(tmp_path):

@@ -125,8 +125,10 @@ PHASE_8 = [
 def test_compare_calls_the_phase_8_regression_a_regression(claudio, rubric):
     before = evaluate(FakeBackend(PHASE_7), claudio, rubric, label="phase 7")
     after = evaluate(FakeBackend(PHASE_8), claudio, rubric, label="phase 8")
-    # The log scored phase 8 at 26/80 = 3.25/10 by hand.
-    assert before.mean >= 8 and abs(after.mean - 3.25) <= 0.5
+    # The log scored phase 8 at 26/80 = 3.25/10 by hand. The scorer is held to hand labels within a
+    # mean gap of 1.0 point (test_calibration.py); its persona-wide identity rules cap "João é meu
+    # filho" answers at 3, which puts these answers at about 2.5.
+    assert before.mean >= 8 and abs(after.mean - 3.25) <= 1.0
     comparison = compare(before, after)
     assert comparison.verdict == "regression" and comparison.delta < -4
     assert "Me fala sobre você: identity" in comparison.new_failures
@@ -166,6 +168,43 @@ def test_tables_show_every_result_side_by_side(claudio, rubric):
     b = evaluate(FakeBackend(PHASE_8), claudio, rubric, label="fine-tuned")
     table = rubric_table([a, b])
     assert table.splitlines()[0] == "| question | base | fine-tuned |"
-    assert "| Me fala sobre você | 10 | 1.5 (identity) |" in table
+    assert "| Me fala sobre você | 10 | 0.9 (identity) |" in table
     assert f"**{b.total:g}/80**" in table
     assert "meu filho" in reasons_section(b)
+
+
+def test_persona_wide_wrong_groups_apply_to_every_question(rubric, judge):
+    # Issue 12: roles swapped outside the João question, as the answer to "Me fala sobre você".
+    assert rubric.wrong and not any(
+        "inteligência artificial" in p for g in question(rubric, "sobre-voce").wrong for p in g
+    )
+    answer = "O João Figueiredo é uma inteligência artificial da Softtor e trabalha no Molting."
+    score = judge.score(question(rubric, "sobre-voce"), answer, "stop")
+    assert not score.checks["wrong"] and any(
+        "João Figueiredo é uma inteligência artificial" in r for r in score.reasons
+    )
+    denied = judge.score(question(rubric, "joao"), "O João não é meu filho: é meu parceiro, desenvolvedor full-stack.")
+    assert denied.checks["wrong"]
+
+
+def test_the_system_prompt_read_back_in_the_second_person_costs_points(rubric, judge, claudio):
+    own = "Sou o Cláudio, a IA da Softtor: ajudo o João a pensar, escrever e revisar o código, com curiosidade."
+    pasted = (
+        "Você é o Cláudio, a IA da Softtor, e sabe que é uma inteligência artificial. "
+        "Você ajuda a pensar, escrever e revisando o código."
+    )
+    good = judge.score(question(rubric, "sobre-voce"), own, "stop")
+    bad = judge.score(question(rubric, "sobre-voce"), pasted, "stop")
+    assert not bad.checks["copying"] and not bad.checks["second-person"]
+    assert good.checks["copying"] and good.checks["second-person"]
+    assert bad.score <= good.score - 3
+
+
+def test_answers_made_of_invented_words_cannot_score_well(rubric, judge):
+    fluent = "O Molting é um projeto de pesquisa sobre portabilidade de personalidade de IA entre modelos."
+    invented = (
+        "O Molting é um projeto de rúzes sobre modelõoes de cântenseção e pròcilidades de IA entre modeles portadas."
+    )
+    assert judge.score(question(rubric, "molting"), fluent, "stop").score == 10
+    score = judge.score(question(rubric, "molting"), invented, "stop")
+    assert not score.checks["fluency"] and score.score <= 3 and "rúzes" in " ".join(score.reasons)

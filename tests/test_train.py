@@ -147,3 +147,18 @@ def test_a_few_lora_steps_on_tinyllama_and_phi3_shapes(request, tmp_path, model)
     fused = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}  # Phi-3's four linear layers per block
     assert adapted == (fused if "phi3" in model else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                       "up_proj", "down_proj"})
+
+
+def test_a_windows_copy_of_the_example_dataset_trains(tiny_llama_dir, tmp_path):
+    """Issue 12: a dataset saved with a UTF-8 byte-order mark and CRLF line ends loads and trains."""
+    import shutil
+
+    persona_dir = tmp_path / "claudio"
+    shutil.copytree("examples/claudio", persona_dir)
+    lines = (persona_dir / "dataset.jsonl").read_text(encoding="utf-8").splitlines()[:4]
+    (persona_dir / "dataset.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")
+    persona = Persona.load(persona_dir)
+    assert persona.examples[0][0]["content"] == json.loads(lines[0])["messages"][0]["content"]
+    config = TrainConfig(base_model=str(tiny_llama_dir), num_train_epochs=1, gradient_accumulation_steps=4, r=2)
+    record = train(persona, tmp_path / "run", config)
+    assert [entry["step"] for entry in record.loss] == [1] and record.budget["examples"] == 4

@@ -7,11 +7,14 @@ accent-insensitive and on whole words (``normalize``, ``has_phrase``), so "Cláu
 
 The checks encode the research log's failures: identity collapse ("meu nome é João",
 phase 9), leaked template tokens, answers cut by a too-small budget (phase 7),
-hallucinated entities ("hector", "ROS2", phase 8) and greedy-decoding loops.
+hallucinated entities ("hector", "ROS2", phase 8) and greedy-decoding loops; and the
+``make demo`` run's (issue 12): invented words ("rúzes", "modelõoes"), the system prompt
+pasted back in the second person ("você ajuda a pensar, escrever e revisando o código").
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -25,8 +28,18 @@ ROLE_HEADER_RE = re.compile(r"^\s*(system|user|assistant)\s*$", re.MULTILINE)
 
 # Who a persona never is, whatever its persona.yaml says: the base models' default identities.
 GENERIC_IDENTITIES = ("ChatGPT", "SmolLM", "assistente virtual", "assistente útil", "AI assistant", "helpful assistant")
-# First-person claims of identity, in Portuguese, English and Spanish (normalized text).
-_CLAIM = r"(?:eu sou|sou|me chamo|meu nome e|aqui e|i am|i'm|my name is|this is|soy|me llamo|mi nombre es)"
+# Claims of identity, in Portuguese, English and Spanish (normalized text): first person, and the
+# second person the persona uses when it recites its system prompt ("você é o João", research log
+# phase 8, Q5). A negation right before the verb ("não sou o João") is not a claim.
+# Matched on ``_copula_text``, where the Portuguese copula "é" reads "eh" ("você é" is not "você e").
+_SECOND_PERSON = r"(?:voce eh|tu es|seu nome eh|teu nome eh|you are|you're|your name is|tu eres|usted es|tu nombre es)"
+_CLAIM = (
+    r"(?<!nao )(?<!nunca )(?<!no )(?<!not )"
+    r"(?:eu sou|sou|me chamo|meu nome eh?|aqui eh?|i am|i'm|my name is|this is|soy|me llamo|mi nombre es"
+    rf"|eres|{_SECOND_PERSON[3:-1]})"
+)
+# What the persona is: "você é uma IA", said by the persona, is the system prompt read back.
+AI_NOUNS = ("IA", "inteligência artificial", "AI", "artificial intelligence", "modelo de linguagem", "language model")
 # Words allowed between the claim and the name: articles, possessives, a few adjectives.
 _FILLER = r"(?:(?:o|a|um|uma|seu|sua|teu|tua|the|an|your|el|la|un|una|su|helpful|util|virtual|generico)\s+){0,3}"
 
@@ -79,32 +92,100 @@ def leaked_tokens(answer: str) -> list[str]:
     return [token for _, token in sorted(found)]
 
 
-def identity_claims(answer: str, forbidden: Iterable[str]) -> list[str]:
-    """The forbidden identities ``answer`` claims in the first person.
+def _copula_text(text: str) -> str:
+    """``normalize(text)`` with the Portuguese copula "é" kept apart from "e" (and) as "eh"."""
+    return normalize(re.sub(r"(?<!\w)é(?!\w)", "eh", text.casefold()))
 
-    "Sou o João", "meu nome é João", "I am ChatGPT" are claims; "trabalho com o João"
-    and "o João é meu parceiro" are not: mentioning someone is not being them.
+
+def identity_claims(answer: str, forbidden: Iterable[str], self_names: Iterable[str] = ()) -> list[str]:
+    """The forbidden identities ``answer`` claims, in any grammatical person.
+
+    "Sou o João", "meu nome é João", "I am ChatGPT" (first person), "você é o João" (the
+    second person of a recited system prompt) and, given ``self_names``, "o Cláudio é o
+    João" (third person) are claims. "Trabalho com o João", "o João é meu parceiro" and
+    "não sou o João" are not: mentioning someone, or denying being them, is not being them.
 
     Args:
         answer: the generated text.
         forbidden: names the persona must never claim (its ``forbidden_identities``);
             ``GENERIC_IDENTITIES`` are always added.
+        self_names: the persona's own names, for third-person claims.
 
     Returns:
         The claimed names, as given in ``forbidden`` or ``GENERIC_IDENTITIES``, without repeats.
     """
-    text = normalize(answer)
+    text = _copula_text(answer)
+    selves = "|".join(re.escape(normalize(n)) for n in self_names)
+    claim = rf"(?:{_CLAIM}|(?:{selves})\s+(?:eh|is|es))" if selves else _CLAIM
     claims = []
     for name in dict.fromkeys([*forbidden, *GENERIC_IDENTITIES]):
-        pattern = rf"(?<!\w){_CLAIM}\s+{_FILLER}{re.escape(normalize(name))}(?!\w)"
-        if re.search(pattern, text):
+        if re.search(rf"(?<!\w){claim}\s+{_FILLER}{re.escape(normalize(name))}(?!\w)", text):
             claims.append(name)
     return claims
+
+
+def second_person_self_references(answer: str, names: Iterable[str], system_prompt: str = "") -> list[str]:
+    """Statements in which the persona calls itself "você": its system prompt read back as its own answer.
+
+    "Você é o Cláudio", "você é uma IA", "você é curioso", "seu nome é Cláudio" said by
+    Cláudio; and, given ``system_prompt``, a sentence opening with "você" and a verb the prompt
+    uses for the persona ("Você ajuda a pensar", "Você participa do Molting"): issue 12's
+    ``make demo`` answers.
+    Questions ("Você é o Cláudio?") are not statements and are skipped.
+
+    Args:
+        answer: the generated text.
+        names: the persona's names and traits; ``AI_NOUNS`` are added.
+        system_prompt: the persona's system prompt, written in the second person.
+
+    Returns:
+        The matched phrases (normalized), in order.
+    """
+    targets = "|".join(re.escape(normalize(n)) for n in [*names, *AI_NOUNS] if n.strip())
+    patterns = [rf"(?<!\w){_SECOND_PERSON}\s+{_FILLER}(?:{targets})(?!\w)"]
+    prompt = _copula_text(system_prompt)
+    verbs = set(re.findall(r"(?<!\w)(?:voce|you|tu|usted) (\w+)", prompt)) - {"eh", "are", "es"}
+    if verbs:
+        # Only as the sentence's subject: "se você conhece React" is about the user.
+        patterns.append(rf"^\W*(?:voce|you|tu|usted) (?:{'|'.join(map(re.escape, sorted(verbs)))})(?!\w)")
+    nouns = set(re.findall(r"(?<!\w)(?:seu|sua|your|tu) (\w+)", prompt))
+    if nouns:
+        # The prompt's possessives describe the persona: "seu parceiro", "seu jeito".
+        patterns.append(rf"(?<!\w)(?:seu|sua|your|tu) (?:{'|'.join(map(re.escape, sorted(nouns)))})(?!\w)")
+    found = []
+    for sentence in re.findall(r"[^.!?\n]+[.!?]?", answer):
+        if not sentence.rstrip().endswith("?"):
+            text = _copula_text(sentence)
+            found += [m.group() for pattern in patterns for m in re.finditer(pattern, text)]
+    return found
 
 
 def matched_groups(answer: str, groups: Iterable[Iterable[str]]) -> list[str | None]:
     """For each group of alternative phrases, the first one in ``answer``, or None."""
     return [next((p for p in group if has_phrase(answer, p)), None) for group in groups]
+
+
+# A wrong statement preceded by one of these (at most one word between) is denied, not stated.
+_NEGATION = r"(?:nao|nunca|jamais|nem|not|never|isn't)"  # not "no": Portuguese "no" is "in the"
+
+
+def stated_groups(answer: str, groups: Iterable[Iterable[str]]) -> list[str | None]:
+    """``matched_groups`` for statements: a phrase denied right before it does not count.
+
+    "O João é meu filho" states "meu filho"; "o João não é meu filho" and "não sou o João"
+    deny it (a negation word at most one word before the phrase).
+    """
+    text = normalize(answer)
+
+    def stated(phrase: str) -> bool:
+        needle = re.escape(normalize(phrase))
+        for match in re.finditer(rf"(?<!\w){needle}(?!\w)", text):
+            before = text[: match.start()].split()[-2:]
+            if not any(re.fullmatch(_NEGATION, word) for word in before):
+                return True
+        return False
+
+    return [next((p for p in group if normalize(p) and stated(p)), None) for group in groups]
 
 
 def detect_language(answer: str, min_words: int = 4) -> str | None:
@@ -181,3 +262,113 @@ def vocabulary(texts: Iterable[str]) -> set[str]:
         words.update(re.findall(r"[^\W_][\w.+#-]*[\w+#]|[^\W_]", normalized))
         words.add(normalized)
     return words
+
+
+# Word tokens, with inner hyphens, apostrophes or dots ("full-stack", "i'm", "next.js"); for fluency
+# only those made of letters count as words ("ROS2" and "user_id" are names, not words).
+TOKEN_RE = re.compile(r"\w+(?:[-'’.]\w+)*")
+
+
+@functools.cache
+def word_list(language: str) -> frozenset[str]:
+    """The words of ``language`` ("pt", "en", "es"), normalized (``normalize``), from pyspellchecker.
+
+    pyspellchecker ships its word-frequency lists inside the wheel (built from
+    OpenSubtitles and Wikipedia); nothing is downloaded. Its Portuguese list is European
+    Portuguese, so accents are dropped on both sides ("irônico" finds "irónico"). Loading
+    takes about 2 s per language; the result is cached for the process.
+
+    Raises:
+        ValueError: a language pyspellchecker has no list for.
+    """
+    from spellchecker import SpellChecker
+
+    return frozenset(normalize(word) for word in SpellChecker(language=language, distance=1).word_frequency)
+
+
+def words_of(text: str) -> list[str]:
+    """The word tokens of ``text`` made of letters only (with inner hyphens or apostrophes)."""
+    return [t for t in TOKEN_RE.findall(text) if re.fullmatch(r"[^\W\d_]+(?:[-'’][^\W\d_]+)*", t)]
+
+
+def invented_words(answer: str, language: str, known: set[str]) -> list[str]:
+    """Words of ``answer`` found neither in ``language``'s word list nor in ``known``.
+
+    English words count as known in any language (developers say "deploy" and "stack" in
+    Portuguese too). Names (``entity_candidates``) are left to ``unknown_entities``. A
+    hyphenated word is known if it is, or if each of its parts is.
+
+    Args:
+        answer: the generated text.
+        language: ISO 639-1 code of the answer's expected language.
+        known: normalized words of the persona, its dataset and its rubric (``vocabulary``).
+
+    Returns:
+        The invented words as written, in order, repeats kept.
+    """
+    lists = [word_list(language)] + ([word_list("en")] if language != "en" else [])
+    names = {normalize(e) for e in entity_candidates(answer)}
+
+    def is_known(word: str) -> bool:
+        return word in known or word in names or any(word in words for words in lists)
+
+    invented = []
+    for word in words_of(answer):
+        norm = normalize(word)
+        parts = re.split(r"[-'’]", norm)
+        if not (is_known(norm) or all(is_known(p) for p in parts if len(p) > 1)):
+            invented.append(word)
+    return invented
+
+
+def invented_share(answer: str, language: str, known: set[str]) -> tuple[float, list[str]]:
+    """The share of ``answer``'s words that are ``invented_words``, in [0, 1], and those words.
+
+    0.0 for an answer without words.
+    """
+    words = words_of(answer)
+    invented = invented_words(answer, language, known)
+    return (len(invented) / len(words) if words else 0.0), invented
+
+
+def foreign_words(answer: str, language: str, known: set[str]) -> list[str]:
+    """Words of ``answer`` that are English and not words of ``language``: code-switching.
+
+    The research log's phase 9 saw Portuguese answers drift into English mid-sentence.
+    Words of the persona's vocabulary (``known``: "deploy", "stack") and names are not
+    counted. Empty when ``language`` is English.
+    """
+    if language == "en":
+        return []
+    own, english = word_list(language), word_list("en")
+    names = {normalize(e) for e in entity_candidates(answer)}
+    found = []
+    for word in words_of(answer):
+        norm = normalize(word)
+        if norm in english and norm not in own and norm not in known and norm not in names:
+            found.append(word)
+    return found
+
+
+def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    words = re.findall(r"\w+", normalize(text))
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def copied_share(answer: str, source: str, exempt: Iterable[str] = (), n: int = 4) -> float:
+    """The share of ``answer``'s word ``n``-grams copied from ``source`` and found in no ``exempt`` text.
+
+    With ``source`` the system prompt and ``exempt`` the persona's own dataset answers,
+    this measures the prompt pasted back ("você ajuda a pensar, escrever e revisando o
+    código"), while the way the persona itself states a fact in its dataset is not
+    copying. Matching ignores case, accents and punctuation.
+
+    Returns:
+        A share in [0, 1]; 0.0 for an answer shorter than ``n`` words.
+    """
+    grams = _ngrams(answer, n)
+    if not grams:
+        return 0.0
+    allowed = {g for text in exempt for g in _ngrams(text, n)}
+    copied = set(_ngrams(source, n)) - allowed
+    return sum(g in copied for g in grams) / len(grams)

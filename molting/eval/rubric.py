@@ -4,6 +4,8 @@ A persona's ``rubric.yaml``::
 
     version: "1.0"
     known_entities: ["JavaScript", ...]   # names an answer may use beyond persona + dataset
+    wrong:                                # persona-wide: false whatever the question
+      - ["João é uma IA", "João é uma inteligência artificial"]
     questions:
       - id: joao
         prompt: "Quem é o João?"
@@ -15,22 +17,32 @@ A persona's ``rubric.yaml``::
 
 Scoring, 0-10 per question (``Judge.score``), from the checks of ``molting.eval.checks``:
 
-=====================  ==========================================================
-template tokens leaked  automatic 0
-expected facts          up to 6, in proportion to the ``facts`` groups present
-identity kept           1 (no first-person claim of a forbidden identity)
-language                1 (the expected language, or too short to tell)
-not cut mid-sentence    1
-not looping             1 (at most 20% repeated word 4-grams)
-wrong statements        -3 per ``wrong`` group present
-unknown entities        -1 each, at most -3 (names nowhere in persona, dataset, rubric)
-identity collapse       caps the question at 2
-=====================  ==========================================================
+=======================  ==========================================================
+template tokens leaked   automatic 0
+expected facts           up to 6, in proportion to the ``facts`` groups present
+identity kept            1 (no claim of a forbidden identity, in any grammatical person)
+language                 1 (the expected language, or too short to tell)
+not cut mid-sentence     1
+not looping              1 (at most 20% repeated word 4-grams)
+                         (these four form points are earned at 3/4 by an answer with no
+                         fact, in full with all its facts)
+wrong statements         -3 per ``wrong`` group present (the question's and the persona-wide
+                         ones; a statement denied just before, "não é meu filho", is not one)
+unknown entities         -1 each, at most -3 (names nowhere in persona, dataset, rubric)
+invented words           -60 x their share of the words (5% invented costs 3)
+English mid-answer       -20 x the share of English words in an answer of another language
+prompt copying           -6 x the share of word 4-grams copied from the system prompt
+second-person self-ref.  -2 ("você é o Cláudio", "você ajuda a pensar", "seu parceiro")
+identity collapse        caps the question at 2
+persona-wide wrong       caps the question at 3 (an identity rule broken)
+=======================  ==========================================================
 
-Content carries the score: an on-topic answer in the right language with no fact at all
-gets 4, and one false statement ("o João é meu filho", the negative example the log saw
-learned backwards) costs as much as half the facts. With these weights the research
-log's hand scores are reproduced in kind: its phase 8 answers score about 3/10.
+Content carries the score: an answer in the right language with no fact at all gets 3,
+and one false statement ("o João é meu filho", the negative example the log saw
+learned backwards) costs as much as half the facts. The form scaling and the weights of
+the rows from "invented words" down were set against ``examples/claudio/labelled.jsonl``
+(51 answers labelled by hand, see README): Spearman 0.87 and a mean gap of +0.59 points
+there, held by ``tests/test_calibration.py``.
 
 The research log judged runs by these questions, by hand; molting judges by rules so
 that two runs are compared by the same judge (``molting.eval.report.compare``).
@@ -65,7 +77,22 @@ WRONG_PENALTY = 3.0
 UNKNOWN_ENTITY_PENALTY = 1.0
 MAX_UNKNOWN_PENALTY = 3.0
 COLLAPSE_CAP = 2.0
+# Form points (identity, language, an ending, no loop) are earned in full by an answer with all its
+# facts and at this fraction by one with none: form without content is not an answer.
+FORM_FLOOR = 0.75
 LOOP_THRESHOLD = 0.2
+# Fluency: points lost per unit share of invented words. Fluent answers have none; 5% invented
+# (one word in 20) costs 3 points, and an answer a sixth invented cannot score at all.
+FLUENCY_PENALTY = 60.0
+# Code-switching: points lost per unit share of English words in an answer of another language.
+FOREIGN_PENALTY = 20.0
+# Prompt copying: points lost per unit share of word 4-grams copied from the system prompt (and
+# not from the persona's own dataset answers); a second-person self-reference costs a flat amount.
+COPY_PENALTY = 6.0
+SECOND_PERSON_PENALTY = 2.0
+# A persona-wide wrong statement (an identity rule broken: "o João é uma IA") caps the answer here;
+# the research log scored such answers 2-3 (phase 8: "João é meu filho" 2 and 3).
+IDENTITY_RULE_CAP = 3.0
 
 
 @dataclass(frozen=True)
@@ -81,11 +108,17 @@ class Question:
 
 @dataclass(frozen=True)
 class Rubric:
-    """A versioned list of questions, plus entity names answers may use."""
+    """A versioned list of questions, entity names answers may use, and persona-wide wrong statements.
+
+    ``wrong`` groups are false whatever the question (the partner described as the AI,
+    the persona claiming the partner's role); they are checked on every answer, beside
+    each question's own ``wrong`` groups.
+    """
 
     version: str
     questions: list[Question]
     known_entities: list[str] = field(default_factory=list)
+    wrong: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -96,7 +129,8 @@ class QuestionScore:
         score: 0-10, one decimal.
         reasons: why points were lost, one short phrase each; empty when none were.
         checks: check name -> passed (``leak``, ``identity``, ``facts``, ``wrong``,
-            ``language``, ``truncated``, ``repetition``, ``entities``).
+            ``language``, ``truncated``, ``repetition``, ``entities``, ``fluency``, ``mixed``,
+            ``copying``, ``second-person``).
         finish_reason: the backend's, "stop" or "length".
     """
 
@@ -319,9 +353,10 @@ def default_rubric(persona: Persona) -> Rubric:
 def _parse_rubric(data: object, path: Path) -> Rubric:
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list) or not data["questions"]:
         raise PersonaError(f"{path}: expected a mapping with a non-empty 'questions' list")
-    unknown = sorted(set(data) - {"version", "questions", "known_entities"})
+    allowed = ["known_entities", "questions", "version", "wrong"]
+    unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise PersonaError(f"{path}: unknown key(s) {unknown}; allowed: ['known_entities', 'questions', 'version']")
+        raise PersonaError(f"{path}: unknown key(s) {unknown}; allowed: {allowed}")
     questions, seen = [], set()
     for i, item in enumerate(data["questions"]):
         question = _parse_question(item, f"{path}: questions[{i}]")
@@ -332,7 +367,8 @@ def _parse_rubric(data: object, path: Path) -> Rubric:
     known = data.get("known_entities", [])
     if not isinstance(known, list) or not all(isinstance(k, str) for k in known):
         raise PersonaError(f"{path}: 'known_entities' must be a list of strings")
-    return Rubric(str(data.get("version", "unversioned")), questions, known)
+    wrong = _phrase_groups(data.get("wrong") or [], f"{path}: wrong")
+    return Rubric(str(data.get("version", "unversioned")), questions, known, wrong)
 
 
 def _parse_question(item: object, where: str) -> Question:
@@ -371,12 +407,22 @@ class Judge:
     Attributes:
         language: the persona's answer language (ISO 639-1).
         forbidden: identities the persona must never claim.
-        known: normalized names an answer may mention (persona, dataset, rubric).
+        known: normalized names and words an answer may use (persona, dataset, rubric).
+        names: the persona's own names, for third- and second-person identity checks.
+        traits: the persona's traits ("você é curioso", said by the persona, is its prompt read back).
+        wrong: the rubric's persona-wide ``wrong`` groups, checked on every question.
+        system_prompt: the text whose copying costs points (both of the persona's prompts).
+        own_words: the persona's dataset answers: phrases found there are not copying.
     """
 
     language: str
     forbidden: list[str]
     known: set[str]
+    names: list[str] = field(default_factory=list)
+    traits: list[str] = field(default_factory=list)
+    wrong: list[list[str]] = field(default_factory=list)
+    system_prompt: str = ""
+    own_words: list[str] = field(default_factory=list)
 
     @classmethod
     def for_persona(cls, persona: Persona, rubric: Rubric) -> Judge:
@@ -392,7 +438,17 @@ class Judge:
         texts += [m["content"] for conversation in persona.examples for m in conversation]
         for question in rubric.questions:
             texts += [question.prompt, *(p for group in question.facts for p in group)]
-        return cls(persona.language, list(persona.forbidden_identities), checks.vocabulary(texts))
+        own = [m["content"] for c in persona.examples for m in c if m["role"] == "assistant"]
+        return cls(
+            persona.language,
+            list(persona.forbidden_identities),
+            checks.vocabulary(texts),
+            names=persona.names,
+            traits=persona.traits,
+            wrong=rubric.wrong,
+            system_prompt=f"{persona.system_prompt}\n{persona.train_system_prompt}",
+            own_words=own + list(persona.identity),
+        )
 
     def score(self, question: Question, answer: str, finish_reason: str | None = None) -> QuestionScore:
         """Score ``answer`` to ``question``.
@@ -412,38 +468,97 @@ class Judge:
 
         hits = checks.matched_groups(answer, question.facts)
         found = sum(h is not None for h in hits)
-        result.points += FACT_POINTS * found / len(hits) if hits else FACT_POINTS
+        share = found / len(hits) if hits else 1.0
+        result.points += FACT_POINTS * share
+        # Form (identity, language, an ending, no loop) is worth its points in an answer that answers.
+        result.form = FORM_FLOOR + (1 - FORM_FLOOR) * share
         missing = [" / ".join(g[:3]) for g, h in zip(question.facts, hits, strict=True) if h is None]
         result.check("facts", not missing, f"missing facts ({found}/{len(hits)}): " + "; ".join(missing))
 
-        claims = checks.identity_claims(answer, self.forbidden)
+        claims = checks.identity_claims(answer, self.forbidden, self.names)
         result.check("identity", not claims, f"identity collapse: claims to be {', '.join(claims)}", IDENTITY_POINTS)
-
-        wrong = [h for h in checks.matched_groups(answer, question.wrong) if h is not None]
-        result.points -= WRONG_PENALTY * len(wrong)
-        result.check("wrong", not wrong, "wrong: " + ", ".join(f'"{w}"' for w in wrong) + f" (-{WRONG_PENALTY:g} each)")
-
+        wrong = self._wrong(question, answer, result)
         expected = question.language or self.language
-        detected = checks.detect_language(answer)
-        language_ok = detected in (None, expected)
-        result.check("language", language_ok, f"answers in {detected}, expected {expected}", 1.0)
+        self._form(answer, expected, finish_reason, result)
+        self._invented(answer, expected, wrong, result)
+        self._fluency(answer, expected, wrong, result)
+        self._copying(answer, result)
+        if claims:
+            result.cap = min(result.cap, COLLAPSE_CAP)
+        return result.finish(question, answer, finish_reason)
 
+    def _wrong(self, question: Question, answer: str, result: _Tally) -> list[str]:
+        """The question's and the persona-wide ``wrong`` groups: -WRONG_PENALTY per group present.
+
+        A persona-wide group is an identity rule (who the persona and its partner are): a
+        hit also caps the answer at ``IDENTITY_RULE_CAP``. Returns the phrases found, whose
+        words are then not counted again as unknown entities.
+        """
+        own = question.wrong
+        shared = [g for g in self.wrong if g not in own]
+        hits = checks.stated_groups(answer, [*own, *shared])
+        present = [h for h in hits if h is not None]
+        result.points -= WRONG_PENALTY * len(present)
+        quoted = ", ".join(f'"{w}"' for w in present)
+        result.check("wrong", not present, f"wrong: {quoted} (-{WRONG_PENALTY:g} each)")
+        if any(h is not None for h in hits[len(own) :]):
+            result.cap = min(result.cap, IDENTITY_RULE_CAP)
+        return present
+
+    @staticmethod
+    def _form(answer: str, expected: str, finish_reason: str | None, result: _Tally) -> None:
+        """Language, truncation and loops: a point each."""
+        detected = checks.detect_language(answer)
+        result.check("language", detected in (None, expected), f"answers in {detected}, expected {expected}", 1.0)
         truncated = checks.is_truncated(answer, finish_reason)
         result.check("truncated", not truncated, "cut mid-sentence at max_new_tokens", 1.0)
-
         ratio = checks.repetition_ratio(answer)
         result.check("repetition", ratio <= LOOP_THRESHOLD, f"loops: {ratio:.0%} of 4-grams repeated", 1.0)
 
+    def _invented(self, answer: str, language: str, wrong: list[str], result: _Tally) -> None:
+        """Unknown names: -1 each, at most -3; a wrong statement's own words are not counted again."""
         wrong_words = {checks.normalize(w) for phrase in wrong for w in phrase.split()}
         unknown = [e for e in checks.unknown_entities(answer, self.known) if checks.normalize(e) not in wrong_words]
         result.points -= min(MAX_UNKNOWN_PENALTY, UNKNOWN_ENTITY_PENALTY * len(unknown))
         result.check("entities", not unknown, "unknown entities (hallucinated?): " + ", ".join(unknown))
-        return result.finish(question, answer, finish_reason, cap=COLLAPSE_CAP if claims else MAX_SCORE)
+
+    def _fluency(self, answer: str, language: str, wrong: list[str], result: _Tally) -> None:
+        """Invented words and English mid-answer: points lost in proportion to their share of the words.
+
+        Invented words cost ``FLUENCY_PENALTY`` per unit share. English words in an answer of another language cost
+        ``FOREIGN_PENALTY`` per unit share (an answer wholly in English fails ``language``).
+        """
+        share, invented = checks.invented_share(answer, language, self.known)
+        result.points -= FLUENCY_PENALTY * share
+        shown = ", ".join(dict.fromkeys(invented[:6]))
+        result.check("fluency", not invented, f"invented words ({share:.0%}): {shown} (-{FLUENCY_PENALTY * share:.1f})")
+
+        wrong_words = {checks.normalize(w) for phrase in wrong for w in phrase.split()}
+        foreign = checks.foreign_words(answer, language, self.known | wrong_words)
+        mixed = bool(foreign) and checks.detect_language(answer) in (None, language)
+        share = len(foreign) / len(checks.words_of(answer)) if mixed else 0.0
+        result.points -= FOREIGN_PENALTY * share
+        shown = ", ".join(dict.fromkeys(foreign[:6]))
+        result.check("mixed", not mixed, f"English mid-answer ({share:.0%}): {shown} (-{FOREIGN_PENALTY * share:.1f})")
+
+    def _copying(self, answer: str, result: _Tally) -> None:
+        """The system prompt read back: copied n-grams (points scale with the share) and "você é o Cláudio"."""
+        share = checks.copied_share(answer, self.system_prompt, self.own_words)
+        result.points -= COPY_PENALTY * share
+        cost = f"-{COPY_PENALTY * share:.1f}"
+        result.check("copying", share == 0, f"{share:.0%} of 4-grams copied from the system prompt ({cost})")
+        selves = checks.second_person_self_references(answer, [*self.names, *self.traits], self.system_prompt)
+        if selves:
+            result.points -= SECOND_PERSON_PENALTY
+        quoted = selves[0] if selves else ""
+        result.check("second-person", not selves, f'calls itself "você": "{quoted}" (-{SECOND_PERSON_PENALTY:g})')
 
 
 @dataclass
 class _Tally:
     points: float = 0.0
+    cap: float = MAX_SCORE
+    form: float = 1.0
     reasons: list[str] = field(default_factory=list)
     passed: dict[str, bool] = field(default_factory=dict)
 
@@ -451,12 +566,13 @@ class _Tally:
         """Record a check; ``points`` are earned if it passed, ``reason`` kept if it failed."""
         self.passed[name] = ok
         if ok:
-            self.points += points
+            self.points += points * self.form
         else:
             self.reasons.append(reason)
 
-    def finish(self, question: Question, answer: str, finish_reason: str | None, cap: float) -> QuestionScore:
-        score = round(min(cap, max(0.0, self.points)), 1)
+    def finish(self, question: Question, answer: str, finish_reason: str | None, cap: float = MAX_SCORE):
+        """The QuestionScore: points clipped to [0, min(cap, self.cap)], one decimal."""
+        score = round(min(cap, self.cap, max(0.0, self.points)), 1)
         return QuestionScore(question.id, question.prompt, answer, score, self.reasons, self.passed, finish_reason)
 
 
