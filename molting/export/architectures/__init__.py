@@ -61,6 +61,39 @@ def register(*hf_names: str) -> Callable[[type], type]:
     return decorate
 
 
+def named_tensors(
+    gguf_arch: Any, state: Iterable[tuple[str, np.ndarray]], config: Any
+) -> Iterator[tuple[Any, str, np.ndarray]]:
+    """``(tensor kind, gguf_name, array)`` for each HF tensor, by gguf-py's ``TensorNameMap``.
+
+    The mapping every architecture shares: RoPE caches (``*.rotary_emb.inv_freq``) are
+    skipped, and ``lm_head`` is dropped when embeddings are tied (llama.cpp reuses
+    ``token_embd`` when ``output.weight`` is absent). Arrays pass through untouched.
+
+    Args:
+        gguf_arch: a ``gguf.MODEL_ARCH`` member.
+        state: ``(hf_name, array)`` pairs, arrays in HF's ``(out, in)`` layout.
+        config: the model's transformers config.
+
+    Raises:
+        ExportError: a tensor with no GGUF name.
+    """
+    import gguf
+
+    names = gguf.TensorNameMap(gguf_arch, config.num_hidden_layers)
+    tied = getattr(config, "tie_word_embeddings", False)
+    for hf_name, array in state:
+        if hf_name.endswith(".rotary_emb.inv_freq"):
+            continue
+        found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise ExportError(f"tensor {hf_name!r} has no GGUF name for {gguf_arch.name}")
+        kind, gguf_name = found
+        if kind == gguf.MODEL_TENSOR.OUTPUT and tied:
+            continue
+        yield kind, gguf_name, array
+
+
 def supported() -> list[str]:
     """The registered HF class names, sorted."""
     return sorted(_REGISTRY)

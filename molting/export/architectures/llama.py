@@ -20,10 +20,9 @@ import gguf
 import numpy as np
 
 from molting.errors import ExportError
-from molting.export.architectures import register
+from molting.export.architectures import named_tensors, register
 
 _PERMUTED = {gguf.MODEL_TENSOR.ATTN_Q: "num_attention_heads", gguf.MODEL_TENSOR.ATTN_K: "num_key_value_heads"}
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -104,17 +103,7 @@ class Llama:
         Raises:
             ExportError: a tensor with no GGUF name.
         """
-        names = gguf.TensorNameMap(self.gguf_arch, config.num_hidden_layers)
-        tied = getattr(config, "tie_word_embeddings", False)
-        for hf_name, array in state:
-            if hf_name.endswith(_IGNORED_SUFFIXES):
-                continue
-            found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if found is None:
-                raise ExportError(f"tensor {hf_name!r} has no GGUF name for {self.gguf_arch.name}")
-            kind, gguf_name = found
-            if kind == gguf.MODEL_TENSOR.OUTPUT and tied:
-                continue
+        for kind, gguf_name, array in named_tensors(self.gguf_arch, state, config):
             if kind in _PERMUTED:
                 array = permute_qk(array, getattr(config, _PERMUTED[kind]))
             yield gguf_name, array

@@ -28,10 +28,9 @@ import gguf
 import numpy as np
 
 from molting.errors import ExportError
-from molting.export.architectures import register
+from molting.export.architectures import named_tensors, register
 
 ROPE_TYPES = ("default", "longrope", "su")
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def _rope_parameters(config: Any) -> dict:
@@ -109,17 +108,7 @@ class Phi3:
         Raises:
             ExportError: a tensor with no GGUF name.
         """
-        names = gguf.TensorNameMap(self.gguf_arch, config.num_hidden_layers)
-        tied = getattr(config, "tie_word_embeddings", False)
-        for hf_name, array in state:
-            if hf_name.endswith(_IGNORED_SUFFIXES):
-                continue
-            found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if found is None:
-                raise ExportError(f"tensor {hf_name!r} has no GGUF name for {self.gguf_arch.name}")
-            kind, gguf_name = found
-            if kind == gguf.MODEL_TENSOR.OUTPUT and tied:
-                continue
+        for _, gguf_name, array in named_tensors(self.gguf_arch, state, config):
             yield gguf_name, array
 
     def extra_tensors(self, config: Any) -> Iterator[tuple[str, np.ndarray]]:

@@ -16,9 +16,7 @@ import gguf
 import numpy as np
 
 from molting.errors import ExportError
-from molting.export.architectures import register
-
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+from molting.export.architectures import named_tensors, register
 
 
 def _rope(config: Any) -> tuple[float, str, float | None]:
@@ -79,17 +77,7 @@ class Qwen2:
         Raises:
             ExportError: a tensor with no GGUF name.
         """
-        names = gguf.TensorNameMap(self.gguf_arch, config.num_hidden_layers)
-        tied = getattr(config, "tie_word_embeddings", False)
-        for hf_name, array in state:
-            if hf_name.endswith(_IGNORED_SUFFIXES):
-                continue
-            found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if found is None:
-                raise ExportError(f"tensor {hf_name!r} has no GGUF name for {self.gguf_arch.name}")
-            kind, gguf_name = found
-            if kind == gguf.MODEL_TENSOR.OUTPUT and tied:
-                continue
+        for _, gguf_name, array in named_tensors(self.gguf_arch, state, config):
             yield gguf_name, array
 
     def extra_tensors(self, config: Any) -> Iterator[tuple[str, np.ndarray]]:
