@@ -476,7 +476,7 @@ def run_all(
     lr: LR = None,
     max_length: MaxLength = None,
     quantization: Quantization = "auto",
-    quant: Quant = "Q4_K_M",
+    quant: Quant = "auto",
     max_new_tokens: MaxNew = 200,
     repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
     no_verify: NoVerify = False,

@@ -63,7 +63,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     sampling: Sampling = field(default_factory=Sampling)
-    quant: str = "Q4_K_M"
+    quant: str = "auto"
     n_ctx: int = 2048
     keep_f16: bool = False
     verify: VerifyConfig | None = field(default_factory=VerifyConfig)
