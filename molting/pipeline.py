@@ -15,6 +15,7 @@ run registry (``molting.registry``) that ``molting compare`` reads.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -261,7 +262,11 @@ def export_gguf(
             path.unlink(missing_ok=True)
         raise
     for path in written:
-        if path != result.path and not (keep_f16 and path == f16):
+        if path == result.path:
+            continue
+        if keep_f16 and path == f16:
+            path.replace(final_for("F16").with_name(f"{persona.slug}.F16.gguf"))
+        else:
             path.unlink(missing_ok=True)
     return result
 
@@ -269,13 +274,19 @@ def export_gguf(
 def _names(target: Path | Callable[[str], Path], quant: str, slug: str):
     """``(final_for, name_for)``: the final path of a quant type, and where it is first written.
 
-    A fixed ``target`` is written directly when it is the asked type; the F16 intermediate
-    and ``auto``'s candidates go beside it as ``<slug>.<QUANT>.gguf``.
+    A fixed ``target`` is written directly when it is the asked type. Everything else (the F16
+    intermediate, ``auto``'s candidates) is written under a private name beside it
+    (``.<slug>.<QUANT>.<pid>.gguf``), so that no file a user already has there, such as an
+    earlier export's ``<slug>.F16.gguf``, is overwritten or removed.
     """
-    if callable(target):
-        return target, target
-    fixed = Path(target)
-    return (lambda q: fixed), (lambda q: fixed if q == quant else fixed.with_name(f"{slug}.{q}.gguf"))
+    final_for = target if callable(target) else (lambda q: Path(target))
+
+    def name_for(q: str) -> Path:
+        if not callable(target) and q == quant:
+            return Path(target)
+        return final_for(q).with_name(f".{slug}.{q}.{os.getpid()}.gguf")
+
+    return final_for, name_for
 
 
 def _write_and_check(persona, merged: Path, f16: Path, quant: str, name_for, ui, verify, written) -> ExportResult:

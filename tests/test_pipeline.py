@@ -130,3 +130,27 @@ def test_cli_export_writes_only_the_quantized_gguf(tiny_llama_256_dir, tmp_path)
     assert "same top-1" in result.output
     prompt = gguf.GGUFReader(out).fields["molting.system_prompt"]
     assert bytes(prompt.parts[prompt.data[0]]).decode() == "Você é o Cláudio, IA da Softtor."
+
+
+def test_export_leaves_a_users_f16_beside_the_target_alone(tiny_llama_256_dir, tmp_path):
+    """A quantized export writes its F16 intermediate under a private name: an earlier export's
+    ``claudio.F16.gguf`` in the same directory is neither overwritten nor removed."""
+    from typer.testing import CliRunner
+
+    from molting.cli import app
+    from tests.test_merge import make_adapter
+
+    (tmp_path / "persona").mkdir()
+    make_persona(tmp_path / "persona")
+    make_adapter(tiny_llama_256_dir, tmp_path / "adapter")
+    out = tmp_path / "gguf"
+    out.mkdir()
+    (out / "claudio.F16.gguf").write_bytes(b"an earlier export")
+    args = ["export", str(tmp_path / "persona"), "--adapter", str(tmp_path / "adapter")]
+    result = CliRunner().invoke(
+        app, [*args, "--out", str(out / "claudio.Q8_0.gguf"), "--quant", "Q8_0", "--no-verify", "--base",
+              str(tiny_llama_256_dir)]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["claudio.F16.gguf", "claudio.Q8_0.gguf"]
+    assert (out / "claudio.F16.gguf").read_bytes() == b"an earlier export"
