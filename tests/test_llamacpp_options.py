@@ -1,11 +1,11 @@
 """LlamaCppBackend's context options (n_batch, flash attention, KV cache types) and its LoRA adapter."""
 
-import numpy as np
 import pytest
 
 from molting.backends import GenerationConfig, load_backend
 from molting.backends.transformers import TransformersBackend
 from molting.errors import ConfigError
+from molting.export.adapter import write_lora_gguf
 
 MESSAGES = [{"role": "system", "content": "Você é o Cláudio."}, {"role": "user", "content": "Quem é você?"}]
 # v_proj and down_proj: projections the GGUF writer does not permute (q_proj/k_proj are, for RoPE)
@@ -56,33 +56,12 @@ def _peft_adapter(model_dir, directory):
             if "lora_" in name:
                 param.normal_(0, 0.3)
     model.save_pretrained(directory)
-    return directory, model
-
-
-def _gguf_lora(peft_model, path, n_layers: int, alpha: float):
-    """The same adapter in llama.cpp's GGUF LoRA format: ``<tensor>.lora_a`` (r, in), ``.lora_b`` (out, r)."""
-    import gguf
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_string(gguf.Keys.General.TYPE, "adapter")
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    for module_name, module in peft_model.base_model.model.named_modules():
-        if hasattr(module, "lora_A") and "default" in module.lora_A:
-            target = names.get_name(f"{module_name}.weight", try_suffixes=(".weight",))
-            writer.add_tensor(f"{target}.lora_a", module.lora_A["default"].weight.detach().numpy().astype(np.float32))
-            writer.add_tensor(f"{target}.lora_b", module.lora_B["default"].weight.detach().numpy().astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return directory
 
 
 def test_lora_path_applies_the_adapter_as_peft_does(tiny_llama_256_dir, gguf_256, tmp_path):
-    adapter_dir, peft_model = _peft_adapter(tiny_llama_256_dir, tmp_path / "adapter")
-    lora_gguf = _gguf_lora(peft_model, tmp_path / "adapter.gguf", n_layers=2, alpha=8.0)
+    adapter_dir = _peft_adapter(tiny_llama_256_dir, tmp_path / "adapter")
+    lora_gguf = write_lora_gguf(adapter_dir, tiny_llama_256_dir, tmp_path / "adapter.gguf")
     config = GenerationConfig(max_new_tokens=16)
     hf = TransformersBackend(tiny_llama_256_dir, adapter=adapter_dir)
     expected = hf.generate(MESSAGES, config).text
