@@ -150,7 +150,8 @@ def _budget(persona: Persona, config: RunConfig, ui) -> None:
 def _train(persona, config: RunConfig, out: Path, ui):
     from molting.train import train
 
-    ui.step(f"Training LoRA on {len(persona.examples)} examples")
+    then = f", then DPO on {len(persona.preferences)} preference pairs" if config.train.method == "dpo" else ""
+    ui.step(f"Training LoRA on {len(persona.examples)} examples{then}")
     with ui.bar("training", None) as advance:
         record = train(persona, out, config.train, on_step=lambda step, total, logs: advance(step, total))
     (out / "budget.json").write_text(json.dumps(record.budget, indent=2))

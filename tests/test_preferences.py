@@ -272,3 +272,27 @@ def test_dpo_without_preferences_names_the_missing_file(tiny_llama_dir, tmp_path
         TrainConfig(method="ppo")
     with pytest.raises(ConfigError, match="beta must be > 0"):
         TrainConfig(beta=0)
+
+
+def test_cli_train_method_dpo(tiny_llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from molting.cli import app
+    from tests.test_pipeline import make_persona
+
+    persona_dir = tmp_path / "persona"
+    persona_dir.mkdir()
+    make_persona(persona_dir)
+    args = ["train", str(persona_dir), "--out", str(tmp_path / "run"), "--base", str(tiny_llama_dir), "--epochs", "1",
+            "--r", "2", "--lora-alpha", "4", "--method", "dpo", "--runs", str(tmp_path / "runs")]
+    refused = CliRunner().invoke(app, args, terminal_width=200)
+    assert refused.exit_code == 2 and "preferences.jsonl not found" in refused.output
+    write(persona_dir, [json.dumps(p, ensure_ascii=False) for p in PAIRS])
+    done = CliRunner().invoke(app, args, terminal_width=200)
+    assert done.exit_code == 0, done.output
+    assert "DPO: 2 steps" in done.output  # 4 pairs / (1 x 4 accumulation) x 2 epochs (TrainConfig's dpo_epochs)
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["config"]["method"] == "dpo" and [e["step"] for e in saved["dpo"]] == [1, 2]
+    validated = CliRunner().invoke(app, ["validate", str(persona_dir), "--base", str(tiny_llama_dir)],
+                                   terminal_width=200)
+    assert "4 preference pairs" in validated.output
