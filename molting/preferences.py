@@ -10,7 +10,7 @@ conversational preference format::
 
 ``prompt`` holds user/assistant turns (a system turn only first) and ends with a user turn;
 ``chosen`` and ``rejected`` hold one assistant turn each; ``kind`` (optional) names the failure
-the rejected answer shows, one of ``KINDS``. The research log's phase 5 learned negative
+the rejected answer shows, one of ``KINDS``. The research log's phase 8 learned negative
 examples ("João não é meu filho") backwards under plain SFT: a pair says "this, not that"
 without putting the wrong sentence among the answers to imitate.
 
