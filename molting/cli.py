@@ -189,6 +189,7 @@ def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: M
     from molting.data import lint_persona, token_budget
     from molting.models import resolve_base_model
     from molting.persona import Persona
+    from molting.preferences import preference_budget
     from molting.train import TrainConfig
 
     max_length = max_length or TrainConfig.max_length
@@ -204,8 +205,16 @@ def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: M
         console.print(f"[bold]{label} system prompt")
         budgets[label] = token_budget(tokenizer, persona.examples, prompt, max_length)
         RichUI().budget(budgets[label])
+    pair_budget = None
+    if persona.preferences:
+        pair_budget = preference_budget(tokenizer, persona.preferences, persona.train_system_prompt, max_length)
+        s = pair_budget.summary()
+        console.print(
+            f"preference pairs (training system prompt): tokens min {s['tokens_min']}, median "
+            f"{s['tokens_median']}, max {s['tokens_max']}; truncated: {s['truncated_examples']}"
+        )
     try:
-        findings = lint_persona(persona, budgets["training"])
+        findings = lint_persona(persona, budgets["training"], pair_budget)
     except MoltingError as exc:
         _fail(exc)
     RichUI().lint(findings)
@@ -232,7 +241,7 @@ def train(
     from molting.data import lint_persona, raise_on_lint_errors
     from molting.persona import Persona
     from molting.train import train as run_training
-    from molting.train import training_budget
+    from molting.train import training_budget, training_pair_budget
 
     ui = RichUI()
     try:
@@ -240,7 +249,7 @@ def train(
         config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method)
         out = out or Path("runs") / persona.slug
         budget = training_budget(persona, config)
-        findings = lint_persona(persona, budget)
+        findings = lint_persona(persona, budget, training_pair_budget(persona, config))
         ui.lint(findings)
         raise_on_lint_errors(findings)
         ui.budget(budget)

@@ -346,9 +346,16 @@ def _quote(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
-def lint_persona(persona: Persona, budget: BudgetReport | None = None) -> list[LintFinding]:
+def lint_persona(
+    persona: Persona, budget: BudgetReport | None = None, pair_budget: BudgetReport | None = None
+) -> list[LintFinding]:
     """``lint_dataset`` on a persona's ``dataset.jsonl`` and ``lint_preferences`` on its
     ``preferences.jsonl``, with its language, identities and rubric questions.
+
+    Args:
+        persona: a loaded persona.
+        budget: ``token_budget`` of the dataset (truncated examples become warnings).
+        pair_budget: ``preference_budget`` of the pairs (likewise).
 
     Returns:
         The dataset's findings, then the preferences'; none for a file that is not there.
@@ -368,7 +375,7 @@ def lint_persona(persona: Persona, budget: BudgetReport | None = None) -> list[L
     if dataset.is_file():
         findings += lint_dataset(dataset, persona.language, *identity, budget, rubric.wrong)
     if preferences.is_file():
-        findings += lint_preferences(preferences, persona.language, *identity, rubric.wrong)
+        findings += lint_preferences(preferences, persona.language, *identity, rubric.wrong, pair_budget)
     return findings
 
 

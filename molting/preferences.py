@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from molting.data import (
+    BudgetReport,
     Conversation,
     LintFinding,
     Rules,
@@ -36,6 +37,7 @@ from molting.data import (
     lint_turns,
     plain,
     read_lines,
+    token_budget,
     with_system_prompt,
 )
 from molting.errors import DatasetError
@@ -134,6 +136,30 @@ def _answer(value: Any, key: str, path: Path, number: int) -> str:
     return value[0]["content"]
 
 
+def preference_budget(tokenizer, pairs: list[Preference], system_prompt: str, max_length: int) -> BudgetReport:
+    """Count the tokens each pair takes under ``tokenizer``'s chat template, as ``token_budget`` does.
+
+    DPO truncates a sequence over ``max_length`` without a word (TRL's ``truncation_mode``), so
+    this is counted before training as the dataset is.
+
+    Args:
+        tokenizer: a transformers tokenizer with a chat template.
+        pairs: validated pairs (see ``load_preferences``).
+        system_prompt: prepended to prompts without their own system turn.
+        max_length: the training sequence limit, in tokens.
+
+    Returns:
+        A BudgetReport whose ``lengths`` are, per pair, the longer of prompt + chosen and
+        prompt + rejected, and whose ``over`` numbers pairs from 1 in file order.
+    """
+    answers = [[{"role": "assistant", "content": a}] for pair in pairs for a in (pair.chosen, pair.rejected)]
+    prompts = [pair.prompt for pair in pairs for _ in range(2)]
+    both = token_budget(tokenizer, [p + a for p, a in zip(prompts, answers, strict=True)], system_prompt, max_length)
+    lengths = [max(both.lengths[i], both.lengths[i + 1]) for i in range(0, len(both.lengths), 2)]
+    over = [(i, n - max_length) for i, n in enumerate(lengths, start=1) if n > max_length]
+    return BudgetReport(max_length, both.system_tokens, lengths, over)
+
+
 def lint_preferences(
     path: str | Path,
     language: str,
@@ -141,6 +167,7 @@ def lint_preferences(
     self_names: Iterable[str] = (),
     rubric_prompts: Iterable[str] = (),
     wrong: Iterable[Iterable[str]] = (),
+    budget: BudgetReport | None = None,
 ) -> list[LintFinding]:
     """Read the pairs for what DPO should not push the model towards, before training.
 
@@ -148,12 +175,13 @@ def lint_preferences(
     template tokens, a forbidden identity claimed in any person, a persona-wide ``wrong``
     statement (errors), the wrong language (warning). A user turn that is a rubric question
     verbatim or nearly is an error, as in the dataset: the rubric would measure recall of the
-    pairs. A pair repeated from an earlier line is a warning. The rejected answers are not
-    linted: they are meant to be wrong.
+    pairs. A pair repeated from an earlier line and a pair the token budget truncates are
+    warnings. The rejected answers are not linted: they are meant to be wrong.
 
     Args:
         path: the ``preferences.jsonl`` file (read with ``load_preferences``).
         language, forbidden, self_names, rubric_prompts, wrong: as for ``lint_dataset``.
+        budget: ``preference_budget`` of these pairs; its truncated pairs become warnings.
 
     Returns:
         Findings in line order; ``check`` names as ``lint_dataset``'s, field paths ``prompt[i]``
@@ -165,12 +193,15 @@ def lint_preferences(
     questions = {plain(p): p for p in rubric_prompts}
     rules = Rules(list(forbidden), list(self_names), [list(g) for g in wrong])
     findings, seen = [], {}
-    for pair in load_preferences(path):
+    over = dict(budget.over) if budget is not None else {}
+    for index, pair in enumerate(load_preferences(path), start=1):
         chosen = {"role": "assistant", "content": pair.chosen}
         found = lint_turns([*labelled(pair.prompt, "prompt"), ("chosen[0]", chosen)], language, rules, questions)
         key = json.dumps([pair.prompt, pair.chosen, pair.rejected], ensure_ascii=False)
         if key in seen:
             found.append(("duplicate", f"repeats line {seen[key]}", "warning"))
         seen.setdefault(key, pair.line)
+        if index in over:
+            found.append(("truncated", f"{over[index]} tokens over max_length {budget.max_length}", "warning"))
         findings += [LintFinding(Path(path), pair.line, *item) for item in found]
     return findings

@@ -32,6 +32,7 @@ from molting.errors import ConfigError
 from molting.io import atomic_path
 from molting.models import resolve_base_model
 from molting.persona import DATASET_FILE, PREFERENCES_FILE, Persona
+from molting.preferences import preference_budget
 from molting.registry import package_versions
 from molting.templates import training_template
 
@@ -106,6 +107,7 @@ class RunRecord:
     ``rewards/margins``, ``rewards/accuracies``, ``rewards/chosen``, ``rewards/rejected``
     (TRL's names; rewards are beta x log-ratios to the reference, in nats), learning rate and
     grad norm. ``train_seconds`` covers both phases, ``dpo_seconds`` the DPO phase alone.
+    ``pair_budget`` is the pairs' token budget (``BudgetReport.summary``, one "example" per pair).
     """
 
     config: dict
@@ -116,6 +118,7 @@ class RunRecord:
     dpo: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     dpo_seconds: float = 0.0
+    pair_budget: dict = field(default_factory=dict)
     peak_memory_mb: float = 0.0
     peak_memory_kind: str = "rss"
     versions: dict = field(default_factory=dict)
@@ -153,6 +156,9 @@ def train(
     device, quantization = _placement(config.quantization)
     model = _load_model(model_dir, quantization)
     record = RunRecord(asdict(config), device, quantization, budget.summary(), versions=package_versions())
+    if config.method == "dpo":
+        pairs = preference_budget(tokenizer, persona.preferences, persona.train_system_prompt, config.max_length)
+        record.pair_budget = pairs.summary()
     scratch = tempfile.mkdtemp(prefix="molting-trainer-")  # the trainers' own files; not kept
     common = _common_args(config, device, quantization, scratch)
     if device == "cuda":
@@ -288,6 +294,16 @@ def training_budget(persona: Persona, config: TrainConfig | None = None) -> Budg
     _check_data(persona, config)
     tokenizer = _training_tokenizer(resolve_base_model(config.base_model))
     return token_budget(tokenizer, persona.examples, persona.train_system_prompt, config.max_length)
+
+
+def training_pair_budget(persona: Persona, config: TrainConfig | None = None) -> BudgetReport | None:
+    """The token budget of the persona's preference pairs as DPO will see them (see
+    ``molting.preferences.preference_budget``); None for a persona without pairs."""
+    config = config or TrainConfig()
+    if not persona.preferences:
+        return None
+    tokenizer = _training_tokenizer(resolve_base_model(config.base_model))
+    return preference_budget(tokenizer, persona.preferences, persona.train_system_prompt, config.max_length)
 
 
 def _training_tokenizer(model_dir: Path):

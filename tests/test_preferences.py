@@ -113,6 +113,22 @@ def test_lint_finds_every_planted_defect_in_chosen_and_never_reads_rejected(tmp_
     assert by_line[7].message.startswith("prompt[1]: claims to be ChatGPT")
 
 
+def test_pair_budget_counts_the_longer_answer_and_truncation_is_a_warning(tmp_path, tiny_tokenizer):
+    from molting.data import token_budget
+    from molting.preferences import preference_budget
+
+    long = pair("Oi", "Olá!", "Era uma vez um compilador. " * 20)
+    path = write(tmp_path, [json.dumps(r, ensure_ascii=False) for r in (GOOD, long)])
+    pairs = load_preferences(path)
+    rendered = [GOOD["prompt"] + GOOD["chosen"], GOOD["prompt"] + GOOD["rejected"], long["prompt"] + long["rejected"]]
+    counts = token_budget(tiny_tokenizer, rendered, "Você é o Cláudio.", 10_000).lengths
+    budget = preference_budget(tiny_tokenizer, pairs, "Você é o Cláudio.", max_length=counts[2] - 1)
+    assert budget.lengths == [max(counts[0], counts[1]), counts[2]] and budget.over == [(2, 1)]
+    findings = lint_preferences(path, "pt", budget=budget)
+    assert [(f.line, f.check, f.severity) for f in findings] == [(2, "truncated", "warning")]
+    assert "1 tokens over max_length" in findings[0].message
+
+
 def test_persona_reads_and_lints_its_preferences(tmp_path):
     import shutil
 
@@ -295,4 +311,4 @@ def test_cli_train_method_dpo(tiny_llama_dir, tmp_path):
     assert saved["config"]["method"] == "dpo" and [e["step"] for e in saved["dpo"]] == [1, 2]
     validated = CliRunner().invoke(app, ["validate", str(persona_dir), "--base", str(tiny_llama_dir)],
                                    terminal_width=200)
-    assert "4 preference pairs" in validated.output
+    assert "4 preference pairs" in validated.output and "preference pairs (training system prompt)" in validated.output
