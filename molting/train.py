@@ -254,7 +254,11 @@ def _dpo(model, tokenizer, persona: Persona, config: TrainConfig, common: dict, 
     the bare base, which after SFT is the wrong model: the first DPO loss would not be log 2.)
     This costs one LoRA copy of memory and one forward pass without gradients per step, and
     keeps the reference exact, where a merged copy of the model would double the weights.
-    The copy is checked to exist, then removed before saving: one adapter results.
+    (``precompute_ref_log_probs`` would do that reference pass once before training, with the
+    same "ref" adapter, saving about a quarter of each step; not used: it writes through the
+    datasets cache, and the pairs are few.) The copy is checked to exist, then removed before
+    saving: one adapter results. TRL turns dropout off for DPO (``disable_dropout``), so
+    policy and reference agree exactly at the first step.
     """
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
