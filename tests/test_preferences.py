@@ -303,6 +303,9 @@ def test_cli_train_method_dpo(tiny_llama_dir, tmp_path):
             "--r", "2", "--lora-alpha", "4", "--method", "dpo", "--runs", str(tmp_path / "runs")]
     refused = CliRunner().invoke(app, args, terminal_width=200)
     assert refused.exit_code == 2 and "preferences.jsonl not found" in refused.output
+    run_args = ["run", str(persona_dir), "--out", str(tmp_path / "r"), "--base", str(tiny_llama_dir), "--method", "dpo"]
+    refused = CliRunner().invoke(app, run_args, terminal_width=200)  # `molting run` passes --method on too
+    assert refused.exit_code == 2 and "preferences.jsonl not found" in refused.output
     write(persona_dir, [json.dumps(p, ensure_ascii=False) for p in PAIRS])
     done = CliRunner().invoke(app, args, terminal_width=200)
     assert done.exit_code == 0, done.output
