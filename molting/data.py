@@ -182,8 +182,8 @@ class LintFinding:
     Attributes:
         path: the dataset file.
         line: 1-based line of the example.
-        check: ``template-tokens``, ``identity``, ``language``, ``duplicate``, ``rubric-question``
-            or ``truncated``.
+        check: ``template-tokens``, ``identity``, ``language``, ``duplicate``, ``rubric-question``,
+            ``held-out`` or ``truncated``.
         message: what is wrong, quoting the text.
         severity: "error" stops ``molting train`` and ``molting run``; "warning" is shown.
     """
@@ -206,6 +206,7 @@ def lint_dataset(
     rubric_prompts: Iterable[str] = (),
     budget: BudgetReport | None = None,
     wrong: Iterable[Iterable[str]] = (),
+    held_out: Iterable[str] = (),
 ) -> list[LintFinding]:
     """Read every example of a dataset for what a model should not learn, before training.
 
@@ -213,8 +214,8 @@ def lint_dataset(
     an answer claiming a forbidden identity in any person ("sou o João", "você é o João") or
     stating one of the rubric's persona-wide ``wrong`` statements ("o João é meu pai"; a denial,
     "o João não é meu pai", is not one),
-    a user turn that is a rubric question verbatim or nearly (difflib ratio >= ``NEAR_VERBATIM``
-    on normalized text). Warnings: an answer in neither the persona's language nor the
+    a user turn that is a rubric question or a held-out probe's prompt verbatim or nearly (difflib
+    ratio >= ``NEAR_VERBATIM`` on normalized text). Warnings: an answer in neither the persona's language nor the
     language of the user's last question (not judged while no question's language is
     known: "Oi" alone tells nothing), an example repeated from an earlier line, an example
     the token budget truncates.
@@ -227,6 +228,8 @@ def lint_dataset(
         rubric_prompts: the evaluation questions.
         budget: ``token_budget`` of this dataset; its truncated examples become warnings.
         wrong: the rubric's persona-wide ``wrong`` phrase groups.
+        held_out: the user turns of the held-out probes (``molting.eval.probes``), which training
+            must never see.
 
     Returns:
         Findings in line order.
@@ -235,7 +238,8 @@ def lint_dataset(
         DatasetError: the file cannot be read (see ``load_dataset``).
     """
     examples = numbered_examples(path)
-    questions = {_plain(p): p for p in rubric_prompts}
+    questions = {_plain(p): ("rubric-question", "rubric question", p) for p in rubric_prompts}
+    questions.update({_plain(p): ("held-out", "held-out probe", p) for p in held_out})
     rules = Rules(list(forbidden), list(self_names), [list(g) for g in wrong])
     findings, seen = [], {}
     for index, (line, conversation) in enumerate(examples, start=1):
@@ -263,7 +267,7 @@ class Rules:
     wrong: list[list[str]]
 
 
-def _lint_turns(conversation: Conversation, language: str, rules: Rules, questions: dict[str, str]) -> list[tuple]:
+def _lint_turns(conversation: Conversation, language: str, rules: Rules, questions: dict[str, tuple]) -> list[tuple]:
     """(check, message, severity) for each problem in one conversation's turns."""
     found = []
     asked = None
@@ -288,13 +292,14 @@ def _lint_turns(conversation: Conversation, language: str, rules: Rules, questio
     return found
 
 
-def _rubric_question(text: str, where: str, questions: dict[str, str]) -> list[tuple]:
+def _rubric_question(text: str, where: str, questions: dict[str, tuple]) -> list[tuple]:
+    """A user turn that is an evaluation prompt: ``questions`` maps normalized text to (check, what, prompt)."""
     plain = _plain(text)
-    for normalized, prompt in questions.items():
+    for normalized, (check, what, prompt) in questions.items():
         ratio = difflib.SequenceMatcher(None, plain, normalized).ratio()
         if ratio >= NEAR_VERBATIM:
             how = "verbatim" if ratio == 1 else f"nearly verbatim ({ratio:.0%} similar)"
-            return [("rubric-question", f"{where}: rubric question {prompt!r} {how}: {_quote(text)}", "error")]
+            return [(check, f"{where}: {what} {prompt!r} {how}: {_quote(text)}", "error")]
     return []
 
 
@@ -319,10 +324,16 @@ def lint_persona(persona: Persona, budget: BudgetReport | None = None) -> list[L
     path = persona.root / DATASET_FILE if persona.root else None
     if path is None or not path.is_file():
         return []
+    from molting.eval.probes import load_probes
+
     rubric = load_rubric(persona)
     prompts = [q.prompt for q in rubric.questions]
+    probes = load_probes(persona)
+    held_out = [turn for probe in probes.probes for turn in probe.user_turns] if probes else []
     names = persona.names
-    return lint_dataset(path, persona.language, persona.forbidden_identities, names, prompts, budget, rubric.wrong)
+    return lint_dataset(
+        path, persona.language, persona.forbidden_identities, names, prompts, budget, rubric.wrong, held_out
+    )
 
 
 def raise_on_lint_errors(findings: list[LintFinding]) -> None:

@@ -188,12 +188,15 @@ class RubricResult:
     Attributes:
         questions: per question, every answer and its score, in the rubric's order.
         sampling: how the answers were drawn (``Sampling`` as a dict); empty when unknown.
+        probes: the same model's held-out probes (``molting.eval.probes.ProbeResult``), with the
+            persona's system prompt first and, where run, without it; empty when not run.
     """
 
     label: str
     version: str
     questions: list[QuestionResult]
     sampling: dict = field(default_factory=dict)
+    probes: list = field(default_factory=list)
 
     @property
     def total(self) -> float:
@@ -246,6 +249,7 @@ class RubricResult:
                 }
                 for q in self.questions
             ],
+            "probes": [p.to_dict() for p in self.probes],
         }
 
     @classmethod
@@ -259,10 +263,13 @@ class RubricResult:
             answers = [QuestionScore(**s) for s in data["scores"]]
             questions = [QuestionResult(a.id, a.prompt, [a]) for a in answers]
             return cls(data["label"], data["version"], questions, {"n": 1})
+        from molting.eval.probes import ProbeResult
+
         questions = [
             QuestionResult(q["id"], q["prompt"], [QuestionScore(**a) for a in q["answers"]]) for q in data["questions"]
         ]
-        return cls(data["label"], data["version"], questions, data.get("sampling", {}))
+        probes = [ProbeResult.from_dict(p) for p in data.get("probes", [])]
+        return cls(data["label"], data["version"], questions, data.get("sampling", {}), probes)
 
 
 @dataclass(frozen=True)
