@@ -228,8 +228,8 @@ def lint_dataset(
         rubric_prompts: the evaluation questions.
         budget: ``token_budget`` of this dataset; its truncated examples become warnings.
         wrong: the rubric's persona-wide ``wrong`` phrase groups.
-        held_out: the user turns of the held-out probes (``molting.eval.probes``), which training
-            must never see.
+        held_out: the prompts of the held-out probes (``molting.eval.probes``), which training
+            must never see (a probe's ``history`` is context, not held out).
 
     Returns:
         Findings in line order.
@@ -329,7 +329,7 @@ def lint_persona(persona: Persona, budget: BudgetReport | None = None) -> list[L
     rubric = load_rubric(persona)
     prompts = [q.prompt for q in rubric.questions]
     probes = load_probes(persona)
-    held_out = [turn for probe in probes.probes for turn in probe.user_turns] if probes else []
+    held_out = [probe.prompt for probe in probes.probes] if probes else []
     names = persona.names
     return lint_dataset(
         path, persona.language, persona.forbidden_identities, names, prompts, budget, rubric.wrong, held_out

@@ -70,11 +70,6 @@ class Probe:
             return persona.messages(self.prompt, self.history)
         return [*self.history, {"role": "user", "content": self.prompt}]
 
-    @property
-    def user_turns(self) -> list[str]:
-        """Every user turn of the probe (its history's and its prompt): training must hold none."""
-        return [m["content"] for m in self.history if m["role"] == "user"] + [self.prompt]
-
 
 @dataclass
 class ProbeSet:
