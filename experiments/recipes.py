@@ -52,6 +52,11 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
     "extra-lr2e-4": ("extra, learning rate 2e-4", {"infer": "train", "extra": True}, {"learning_rate": 2e-4}),
     "extra-r64": ("extra, r 64, lora_alpha 128", {"infer": "train", "extra": True}, {"r": 64, "lora_alpha": 128}),
     "extra-attn": ("extra, LoRA on attention only", {"infer": "train", "extra": True}, {"target_modules": ATTENTION}),
+    "extra-full": (
+        "extra, full fine-tuning (every weight, lr 1e-4)",
+        {"infer": "train", "extra": True},
+        {"finetuning": "full", "learning_rate": 1e-4},
+    ),
     "extra-tiny-prompt": (
         "extra, 60-token prompt in training and use",
         {"infer": "short", "train": "short", "extra": True},

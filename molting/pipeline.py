@@ -131,7 +131,7 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
 
     _budget(persona, config, ui)
     record = _train(persona, config, out, ui)
-    merged = _merge(base_dir, out, ui)
+    merged = out / "model" if config.train.finetuning == "full" else _merge(base_dir, out, ui)
     results = {}
     for label, backend in (
         ("base", lambda: TransformersBackend(base_dir)),
@@ -145,8 +145,9 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
         results[label] = judge(label, lambda: LlamaCppBackend(gguf, n_ctx=config.n_ctx), bare=config.probe_bare)
     _write_modelfile(persona, gguf, config.generation, out)
     report = _write_report(persona, config, record, results, export, out)
-    entry = _register(persona, config, record, results, {"adapter": out / "adapter", "gguf": gguf, "report": report})
-    return RunResult(out, out / "adapter", gguf, report, results, export.check, entry)
+    weights = out / ("model" if config.train.finetuning == "full" else "adapter")
+    entry = _register(persona, config, record, results, {"adapter": weights, "gguf": gguf, "report": report})
+    return RunResult(out, weights, gguf, report, results, export.check, entry)
 
 
 def _budget(persona: Persona, config: RunConfig, ui) -> None:

@@ -26,7 +26,7 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from molting.data import BudgetReport, token_budget, with_system_prompt
 from molting.errors import ConfigError
 from molting.io import atomic_path
-from molting.models import resolve_base_model
+from molting.models import SOURCE_FILE, resolve_base_model
 from molting.persona import Persona
 from molting.registry import package_versions
 from molting.templates import training_template
@@ -52,6 +52,9 @@ class TrainConfig:
         max_length: tokens per training sequence; longer examples are truncated and reported.
         quantization: "auto" (4-bit NF4 on CUDA, none on CPU), "4bit" or "none".
         seed: for the adapter's init and the data order.
+        finetuning: "lora" (an adapter; the LoRA fields apply) or "full" (every weight trained,
+            fp32, no quantization; the run writes ``model/`` instead of ``adapter/``). Full
+            fine-tuning wants a learning rate ~10x below LoRA's (1e-4 rather than 1e-3).
     """
 
     base_model: str = "smollm2-135m"
@@ -67,10 +70,15 @@ class TrainConfig:
     max_length: int = 512
     quantization: Quantization = "auto"
     seed: int = 0
+    finetuning: Literal["lora", "full"] = "lora"
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "4bit", "none"):
             raise ConfigError(f"quantization {self.quantization!r} not in ('auto', '4bit', 'none')")
+        if self.finetuning not in ("lora", "full"):
+            raise ConfigError(f"finetuning {self.finetuning!r} not in ('lora', 'full')")
+        if self.finetuning == "full" and self.quantization == "4bit":
+            raise ConfigError("finetuning='full' trains fp32 weights; 4-bit (QLoRA) needs finetuning='lora'")
         for name in ("r", "lora_alpha", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -121,7 +129,7 @@ def train(
     model_dir = resolve_base_model(config.base_model)
     tokenizer = _training_tokenizer(model_dir)
     budget = token_budget(tokenizer, persona.examples, persona.train_system_prompt, config.max_length)
-    device, quantization = _placement(config.quantization)
+    device, quantization = _placement("none" if config.finetuning == "full" else config.quantization)
     model = _load_model(model_dir, quantization)
 
     scratch = tempfile.mkdtemp(prefix="molting-trainer-")  # the trainer's own files; not kept
@@ -159,7 +167,7 @@ def train(
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=lora if config.finetuning == "lora" else None,
         callbacks=[_LossRecorder(record, on_step)],
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through on_step instead
@@ -172,7 +180,7 @@ def train(
         shutil.rmtree(scratch, ignore_errors=True)
     record.train_seconds = round(time.perf_counter() - start, 2)
     record.peak_memory_mb, record.peak_memory_kind = _peak_memory(device)
-    _save(trainer, record, Path(output_dir))
+    _save(trainer, record, Path(output_dir), model_dir if config.finetuning == "full" else None)
     return record
 
 
@@ -244,9 +252,21 @@ def _peak_memory(device: str) -> tuple[float, str]:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "rss"
 
 
-def _save(trainer, record: RunRecord, output_dir: Path) -> None:
-    with atomic_path(output_dir / "adapter", directory=True) as tmp:
-        trainer.model.save_pretrained(tmp)
+def _save(trainer, record: RunRecord, output_dir: Path, base_dir: Path | None = None) -> None:
+    """``adapter/`` (LoRA) or, given the ``base_dir`` of a full fine-tune, ``model/``: the weights
+    with the base's tokenizer files, as ``merge_adapter`` writes a merged model."""
+    if base_dir is None:
+        with atomic_path(output_dir / "adapter", directory=True) as tmp:
+            trainer.model.save_pretrained(tmp)
+    else:
+        from transformers import AutoTokenizer
+
+        with atomic_path(output_dir / "model", directory=True) as tmp:
+            trainer.model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+            for name in (SOURCE_FILE, "tokenizer.model"):
+                if (base_dir / name).is_file():
+                    shutil.copy2(base_dir / name, tmp / name)
     with atomic_path(output_dir / "run.json") as tmp:
         tmp.write_text(json.dumps(asdict(record), indent=2, ensure_ascii=False))
 
