@@ -39,8 +39,13 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 #   persona changes: extra=True adds dataset-extra.jsonl; infer="train"|"short" replaces the
 #   inference prompt by the training one or by system_prompt_short.txt; train="full" trains with
 #   the inference prompt.
+#   reuse="<recipe>" trains nothing: that recipe's trained model, exported with this persona.
 RECIPES: dict[str, tuple[str, dict, dict]] = {
-    "baseline": ("today's default: short training prompt, full inference prompt", {}, {}),
+    "baseline": (
+        "today's default: short training prompt, full inference prompt (matched-short's weights)",
+        {"reuse": "matched-short"},
+        {},
+    ),
     "matched-short": (
         "inference with the short training prompt (same prompt in training and use)",
         {"infer": "train"},
@@ -108,6 +113,8 @@ def run_recipe(name: str, quant: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     persona = make_persona(name, persona_changes, out)
+    if "reuse" in persona_changes:
+        return reuse_recipe(name, persona, quant)
     config = RunConfig(
         out=out / "run",
         train=replace(TrainConfig(), **train_changes),
@@ -121,32 +128,79 @@ def run_recipe(name: str, quant: str) -> dict:
     wall = time.perf_counter() - start
     record = json.loads((out / "run" / "run.json").read_text())
     (gguf_result,) = result.results.values()
-    probes = gguf_result.probes[0]
-    row = {
+    row = _row(name, what, persona, train_changes, persona_changes, gguf_result, record, wall, None)
+    row["entry"] = str(result.entry.relative_to(HERE.parent))
+    return row
+
+
+def reuse_recipe(name: str, persona: Persona, quant: str) -> dict:
+    """Export another recipe's trained model with this recipe's persona (its prompt) and judge the GGUF."""
+    from molting import registry
+    from molting.backends.llamacpp import LlamaCppBackend
+    from molting.eval.probes import load_probes, run_probes
+    from molting.eval.rubric import Sampling, evaluate, load_rubric
+    from molting.pipeline import export_gguf
+
+    what, changes, _ = RECIPES[name]
+    source = HERE / "out" / changes["reuse"] / "run"
+    out = HERE / "out" / name
+    start = time.perf_counter()
+    export = export_gguf(persona, source / "merged", out / f"{persona.slug}.{quant}.gguf", quant, LogUI(), verify=None)
+    config = RunConfig()
+    backend = LlamaCppBackend(export.path, n_ctx=config.n_ctx)
+    try:
+        result = evaluate(
+            backend, persona, load_rubric(persona), config.generation, label=f"GGUF {quant}", sampling=Sampling()
+        )
+        probe_config = replace(config.generation, max_new_tokens=config.probe_max_new_tokens)
+        result.probes = [run_probes(backend, persona, load_probes(persona), probe_config, label=result.label)]
+    finally:
+        backend.close()
+    settings = registry.config_dict(reuse=changes["reuse"], generation=config.generation, sampling=Sampling())
+    entry = registry.record(HERE / "runs", persona, "eval", settings, [result])
+    record = json.loads((source / "run.json").read_text())
+    return _row(name, what, persona, {}, changes, result, record, time.perf_counter() - start, entry)
+
+
+def _row(name, what, persona, train_changes, persona_changes, result, record, wall, entry) -> dict:
+    probes = result.probes[0]
+    return {
         "recipe": name,
         "what": what,
         "examples": len(persona.examples),
-        "train": {k: v for k, v in train_changes.items()},
+        "train": train_changes,
         "persona": persona_changes,
-        "gguf": gguf_result.label,
-        "rubric_mean": gguf_result.mean,
-        "rubric_noise": gguf_result.noise,
+        "gguf": result.label,
+        "rubric_mean": result.mean,
+        "rubric_noise": result.noise,
         "probes_passed": probes.passed,
         "probes_asked": len(probes.outcomes),
         "train_seconds": record["train_seconds"],
         "wall_seconds": round(wall, 1),
         "loss_first": record["loss"][0]["loss"],
         "loss_last": record["loss"][-1]["loss"],
-        "entry": str(result.entry.relative_to(HERE.parent)) if result.entry else None,
+        "entry": str(entry.root.relative_to(HERE.parent)) if entry else None,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    with ROWS.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return row
+
+
+def rejudged(row: dict) -> dict:
+    """``row`` with its rubric and probe figures recomputed from its registered answers by today's
+    rubric and probes, so that rows judged before a rubric change compare fairly."""
+    from molting import registry
+    from molting.eval.probes import load_probes, rejudge
+    from molting.eval.rubric import load_rubric, rescore
+
+    entry = registry.load(HERE.parent / row["entry"])
+    persona = make_persona(row["recipe"], row["persona"], HERE / "out" / row["recipe"])
+    result = rescore(entry.result(), persona, load_rubric(persona))
+    probes = rejudge(result.probes[0], persona, load_probes(persona))
+    return {**row, "rubric_mean": result.mean, "rubric_noise": result.noise, "probes_passed": probes.passed}
 
 
 def write_table() -> None:
     rows = [json.loads(line) for line in ROWS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [rejudged(row) for row in rows]
     lines = [
         "| recipe | what changes | examples | GGUF | rubric /10 (mean ± noise) | held-out probes "
         "| loss first → last | training | run |",
@@ -178,6 +232,8 @@ def main() -> None:
         parser.error(f"unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")
     for name in [] if args.table else args.recipes:
         row = run_recipe(name, args.quant)
+        with ROWS.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(json.dumps(row, ensure_ascii=False), flush=True)
         write_table()
     if args.table:

@@ -583,6 +583,25 @@ class _Tally:
         return QuestionScore(question.id, question.prompt, answer, score, self.reasons, self.passed, finish_reason)
 
 
+def rescore(result: RubricResult, persona: Persona, rubric: Rubric) -> RubricResult:
+    """``result``'s saved answers scored again by today's judge (``Judge.for_persona``), its probes kept.
+
+    For comparing runs scored before a rubric change: the answers stay, the points follow the rules.
+
+    Raises:
+        PersonaError: an answered question id is not in ``rubric``.
+    """
+    judge = Judge.for_persona(persona, rubric)
+    by_id = {q.id: q for q in rubric.questions}
+    questions = []
+    for old in result.questions:
+        if old.id not in by_id:
+            raise PersonaError(f"rubric {rubric.version}: no question {old.id!r} (answered in {result.label})")
+        answers = [judge.score(by_id[old.id], a.answer, a.finish_reason) for a in old.answers]
+        questions.append(QuestionResult(old.id, old.prompt, answers))
+    return RubricResult(result.label, rubric.version, questions, result.sampling, result.probes)
+
+
 def evaluate(
     backend: Backend,
     persona: Persona,
