@@ -53,6 +53,16 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
     ),
     "matched-full": ("training with the full inference prompt", {"train": "full"}, {}),
     "extra": ("matched-short + dataset-extra.jsonl (266 examples)", {"infer": "train", "extra": True}, {}),
+    "extra-1ep": (
+        "extra, 1 epoch (the same number of steps as 2 epochs of 157)",
+        {"infer": "train", "extra": True},
+        {"num_train_epochs": 1.0},
+    ),
+    "extra-1ep-full": (
+        "extra-1ep, full fine-tuning (every weight, lr 1e-4)",
+        {"infer": "train", "extra": True},
+        {"num_train_epochs": 1.0, "finetuning": "full", "learning_rate": 1e-4},
+    ),
     "extra-3ep": ("extra, 3 epochs", {"infer": "train", "extra": True}, {"num_train_epochs": 3.0}),
     "extra-lr2e-4": ("extra, learning rate 2e-4", {"infer": "train", "extra": True}, {"learning_rate": 2e-4}),
     "extra-r64": ("extra, r 64, lora_alpha 128", {"infer": "train", "extra": True}, {"r": 64, "lora_alpha": 128}),
