@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -291,9 +292,13 @@ def evaluate(
     samples: Samples = Sampling.n,
     runs: Runs = Path("runs"),
     judge: Annotated[str, typer.Option(help="a second opinion: this model also grades the answers")] = None,
+    probes: Annotated[
+        bool, typer.Option(help="also ask the persona's held-out probes (probes.yaml), one greedy answer each")
+    ] = True,
+    probe_max_new_tokens: Annotated[int, typer.Option(help="answer length of the probes")] = 128,
 ) -> None:
-    """Score models on the persona's rubric by what they generate; several side by side, with retention
-    (and, with --judge, a model's second opinion beside molting's score)."""
+    """Score models on the persona's rubric by what they generate; several side by side, with retention,
+    the held-out probes' pass rates (and, with --judge, a model's second opinion beside molting's score)."""
     import json
 
     from rich.markdown import Markdown
@@ -301,6 +306,7 @@ def evaluate(
     from molting import registry
     from molting.backends import load_backend
     from molting.eval import load_rubric, retention_table
+    from molting.eval.probes import load_probes, probes_table
     from molting.eval.targets import evaluate_targets, target_labels, training_config
     from molting.persona import Persona
 
@@ -314,7 +320,9 @@ def evaluate(
         sampling = Sampling(n=samples)
         targets = dict(zip(labels, models, strict=True))
         opener = {lab: (lambda m=m: load_backend(m)) for lab, m in targets.items()}
-        results = evaluate_targets(persona, rubric, opener, config, sampling, ui)
+        probe_set = load_probes(persona) if probes else None
+        probe_config = replace(config, max_new_tokens=min(max_new_tokens, probe_max_new_tokens))
+        results = evaluate_targets(persona, rubric, opener, config, sampling, ui, probe_set, probe_config)
         settings = registry.config_dict(
             generation=config, sampling=sampling, models=targets, train=training_config(models[0])
         )
@@ -326,6 +334,9 @@ def evaluate(
     if len(results) > 1:
         console.rule(f"[bold]retention against {results[0].label}")
         console.print(Markdown(retention_table(results)))
+    if probed := [p for result in results for p in result.probes]:
+        console.rule("[bold]held-out probes (pass / asked)")
+        console.print(Markdown(probes_table(probed)))
     console.print(f"registered: {entry.root}")
     data = [r.to_dict() for r in results]
     if judge:

@@ -206,8 +206,8 @@ class LintFinding:
     Attributes:
         path: the dataset file.
         line: 1-based line of the example.
-        check: ``template-tokens``, ``identity``, ``language``, ``duplicate``, ``rubric-question``
-            or ``truncated``.
+        check: ``template-tokens``, ``identity``, ``language``, ``duplicate``, ``rubric-question``,
+            ``held-out`` or ``truncated``.
         message: what is wrong, quoting the text.
         severity: "error" stops ``molting train`` and ``molting run``; "warning" is shown.
     """
@@ -230,6 +230,7 @@ def lint_dataset(
     rubric_prompts: Iterable[str] = (),
     budget: BudgetReport | None = None,
     wrong: Iterable[Iterable[str]] = (),
+    held_out: Iterable[str] = (),
 ) -> list[LintFinding]:
     """Read every example of a dataset for what a model should not learn, before training.
 
@@ -237,8 +238,8 @@ def lint_dataset(
     an answer claiming a forbidden identity in any person ("sou o João", "você é o João") or
     stating one of the rubric's persona-wide ``wrong`` statements ("o João é meu pai"; a denial,
     "o João não é meu pai", is not one),
-    a user turn that is a rubric question verbatim or nearly (difflib ratio >= ``NEAR_VERBATIM``
-    on normalized text). Warnings: an answer in neither the persona's language nor the
+    a user turn that is a rubric question or a held-out probe's prompt verbatim or nearly (difflib
+    ratio >= ``NEAR_VERBATIM`` on normalized text). Warnings: an answer in neither the persona's language nor the
     language of the user's last question (not judged while no question's language is
     known: "Oi" alone tells nothing), an example repeated from an earlier line, an example
     the token budget truncates.
@@ -251,6 +252,8 @@ def lint_dataset(
         rubric_prompts: the evaluation questions.
         budget: ``token_budget`` of this dataset; its truncated examples become warnings.
         wrong: the rubric's persona-wide ``wrong`` phrase groups.
+        held_out: the prompts of the held-out probes (``molting.eval.probes``), which training
+            must never see (a probe's ``history`` is context, not held out).
 
     Returns:
         Findings in line order.
@@ -259,7 +262,7 @@ def lint_dataset(
         DatasetError: the file cannot be read (see ``load_dataset``).
     """
     examples = numbered_examples(path)
-    questions = {plain(p): p for p in rubric_prompts}
+    questions = evaluation_prompts(rubric_prompts, held_out)
     rules = Rules(list(forbidden), list(self_names), [list(g) for g in wrong])
     findings, seen = [], {}
     for index, (line, conversation) in enumerate(examples, start=1):
@@ -287,13 +290,20 @@ class Rules:
     wrong: list[list[str]]
 
 
+def evaluation_prompts(rubric_prompts: Iterable[str], held_out: Iterable[str] = ()) -> dict[str, tuple]:
+    """The prompts training must not hold, by ``plain`` text: (check, what, prompt) for ``rubric_question``."""
+    questions = {plain(p): ("rubric-question", "rubric question", p) for p in rubric_prompts}
+    questions.update({plain(p): ("held-out", "held-out probe", p) for p in held_out})
+    return questions
+
+
 def labelled(messages: Conversation, name: str) -> list[tuple[str, dict[str, str]]]:
     """``(field path, message)`` pairs: ``messages[0]``, ``messages[1]``, ... for ``name="messages"``."""
     return [(f"{name}[{i}]", message) for i, message in enumerate(messages)]
 
 
 def lint_turns(
-    turns: list[tuple[str, dict[str, str]]], language: str, rules: Rules, questions: dict[str, str]
+    turns: list[tuple[str, dict[str, str]]], language: str, rules: Rules, questions: dict[str, tuple]
 ) -> list[tuple]:
     """(check, message, severity) for each problem in one conversation's turns.
 
@@ -301,7 +311,7 @@ def lint_turns(
         turns: ``(field path, message)`` in conversation order (see ``labelled``).
         language: the persona's language.
         rules: forbidden identities, own names, wrong statements.
-        questions: rubric questions by their ``plain`` text.
+        questions: ``evaluation_prompts``.
     """
     found = []
     asked = None
@@ -326,14 +336,14 @@ def lint_turns(
     return found
 
 
-def rubric_question(text: str, where: str, questions: dict[str, str]) -> list[tuple]:
-    """A ``rubric-question`` error when ``text`` is one of ``questions`` (by ``plain`` text) or nearly."""
+def rubric_question(text: str, where: str, questions: dict[str, tuple]) -> list[tuple]:
+    """A user turn that is an evaluation prompt: ``questions`` maps normalized text to (check, what, prompt)."""
     text_plain = plain(text)
-    for normalized, prompt in questions.items():
+    for normalized, (check, what, prompt) in questions.items():
         ratio = difflib.SequenceMatcher(None, text_plain, normalized).ratio()
         if ratio >= NEAR_VERBATIM:
             how = "verbatim" if ratio == 1 else f"nearly verbatim ({ratio:.0%} similar)"
-            return [("rubric-question", f"{where}: rubric question {prompt!r} {how}: {_quote(text)}", "error")]
+            return [(check, f"{where}: {what} {prompt!r} {how}: {_quote(text)}", "error")]
     return []
 
 
@@ -350,7 +360,7 @@ def lint_persona(
     persona: Persona, budget: BudgetReport | None = None, pair_budget: BudgetReport | None = None
 ) -> list[LintFinding]:
     """``lint_dataset`` on a persona's ``dataset.jsonl`` and ``lint_preferences`` on its
-    ``preferences.jsonl``, with its language, identities and rubric questions.
+    ``preferences.jsonl``, with its language, identities, rubric questions and held-out probes.
 
     Args:
         persona: a loaded persona.
@@ -360,6 +370,7 @@ def lint_persona(
     Returns:
         The dataset's findings, then the preferences'; none for a file that is not there.
     """
+    from molting.eval.probes import load_probes
     from molting.eval.rubric import load_rubric
     from molting.persona import DATASET_FILE, PREFERENCES_FILE
     from molting.preferences import lint_preferences
@@ -370,12 +381,14 @@ def lint_persona(
     if not dataset.is_file() and not preferences.is_file():
         return []
     rubric = load_rubric(persona)
+    probes = load_probes(persona)
+    held_out = [probe.prompt for probe in probes.probes] if probes else []
     identity = (persona.forbidden_identities, persona.names, [q.prompt for q in rubric.questions])
     findings = []
     if dataset.is_file():
-        findings += lint_dataset(dataset, persona.language, *identity, budget, rubric.wrong)
+        findings += lint_dataset(dataset, persona.language, *identity, budget, rubric.wrong, held_out)
     if preferences.is_file():
-        findings += lint_preferences(preferences, persona.language, *identity, rubric.wrong, pair_budget)
+        findings += lint_preferences(preferences, persona.language, *identity, rubric.wrong, pair_budget, held_out)
     return findings
 
 

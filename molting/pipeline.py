@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from molting.backends.base import GenerationConfig
-from molting.errors import ExportError
+from molting.errors import ConfigError, ExportError
 from molting.eval.rubric import Sampling
 from molting.export.verify import (
     AUTO_CANDIDATES,
@@ -37,6 +37,8 @@ from molting.export.verify import (
 )
 from molting.persona import Persona
 from molting.train import TrainConfig
+
+MODELS = ("base", "fine-tuned", "gguf")
 
 
 @dataclass
@@ -58,6 +60,12 @@ class RunConfig:
         keep_f16: keep the intermediate F16 GGUF next to the quantized one.
         verify: the export's behaviour check (``molting.export.verify``); its replies use
             ``generation``. None skips it.
+        models: which models the rubric judges: any of "base", "fine-tuned", "gguf" (the
+            recipe search of ``experiments/`` judges the GGUF alone: the base costs minutes).
+        probes: also ask the persona's held-out probes (``probes.yaml``, molting.eval.probes),
+            with the system prompt on every model and, on the GGUF, also without it (the GGUF's
+            chat template carries it; ``probe_bare=False`` skips that second pass). Their answers
+            stop at ``probe_max_new_tokens``.
     """
 
     out: Path | None = None
@@ -69,6 +77,15 @@ class RunConfig:
     keep_f16: bool = False
     verify: VerifyConfig | None = field(default_factory=VerifyConfig)
     registry: Path | None = None
+    models: tuple[str, ...] = MODELS
+    probes: bool = True
+    probe_max_new_tokens: int = 128
+    probe_bare: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.models) - set(MODELS))
+        if unknown or not self.models:
+            raise ConfigError(f"models {unknown or '[]'}: choose among {list(MODELS)}")
 
 
 @dataclass
@@ -102,31 +119,35 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
     from molting.backends.llamacpp import LlamaCppBackend
     from molting.backends.transformers import TransformersBackend
     from molting.eval import evaluate, load_rubric
+    from molting.eval.probes import load_probes
     from molting.models import resolve_base_model
 
     out = Path(config.out or Path("runs") / persona.slug)
     out.mkdir(parents=True, exist_ok=True)
     rubric = load_rubric(persona)
+    probes = load_probes(persona) if config.probes else None
     base_dir = resolve_base_model(config.train.base_model)
+    judge = _Evaluation(persona, rubric, probes, config, out, ui, evaluate)
 
     _budget(persona, config, ui)
     record = _train(persona, config, out, ui)
-    merged = _merge(base_dir, out, ui)
+    merged = out / "model" if config.train.finetuning == "full" else _merge(base_dir, out, ui)
     results = {}
     for label, backend in (
         ("base", lambda: TransformersBackend(base_dir)),
         ("fine-tuned", lambda: TransformersBackend(merged)),
     ):
-        results[label] = _evaluate(label, backend, persona, rubric, config, out, ui, evaluate)
+        if label in config.models:
+            results[label] = judge(label, backend)
     export = _export(persona, merged, out, config, ui)
     gguf, label = export.path, f"GGUF {export.quant}"
-    results[label] = _evaluate(
-        label, lambda: LlamaCppBackend(gguf, n_ctx=config.n_ctx), persona, rubric, config, out, ui, evaluate
-    )
+    if "gguf" in config.models:
+        results[label] = judge(label, lambda: LlamaCppBackend(gguf, n_ctx=config.n_ctx), bare=config.probe_bare)
     _write_modelfile(persona, gguf, config.generation, out)
     report = _write_report(persona, config, record, results, export, out)
-    entry = _register(persona, config, record, results, {"adapter": out / "adapter", "gguf": gguf, "report": report})
-    return RunResult(out, out / "adapter", gguf, report, results, export.check, entry)
+    weights = out / ("model" if config.train.finetuning == "full" else "adapter")
+    entry = _register(persona, config, record, results, {"adapter": weights, "gguf": gguf, "report": report})
+    return RunResult(out, weights, gguf, report, results, export.check, entry)
 
 
 def _budget(persona: Persona, config: RunConfig, ui) -> None:
@@ -165,27 +186,68 @@ def _merge(base_dir: Path, out: Path, ui) -> Path:
     return merge_adapter(base_dir, out / "adapter", out / "merged")
 
 
-def _evaluate(label, make_backend, persona, rubric, config: RunConfig, out: Path, ui, evaluate):
-    ui.step(f"Rubric v{rubric.version} on {label}")
-    backend = make_backend()
-    try:
-        with ui.bar(f"rubric: {label}", len(rubric.questions)) as advance:
-            result = evaluate(
+@dataclass
+class _Evaluation:
+    """Judges one model: the rubric, then the held-out probes (with the system prompt, and without)."""
+
+    persona: Persona
+    rubric: object
+    probes: object
+    config: RunConfig
+    out: Path
+    ui: object
+    evaluate: Callable
+
+    def __call__(self, label: str, make_backend: Callable, bare: bool = False):
+        """The model's RubricResult (probes attached), saved as ``eval/<name>.json`` and shown.
+
+        Args:
+            label: the model's name in the report.
+            make_backend: opens the model.
+            bare: also ask the probes with no system prompt (for a GGUF, whose template carries it).
+        """
+        config, ui = self.config, self.ui
+        ui.step(f"Rubric v{self.rubric.version} on {label}")
+        backend = make_backend()
+        try:
+            with ui.bar(f"rubric: {label}", len(self.rubric.questions)) as advance:
+                result = self.evaluate(
+                    backend,
+                    self.persona,
+                    self.rubric,
+                    config.generation,
+                    label=label,
+                    sampling=config.sampling,
+                    progress=lambda i: advance(i + 1),
+                )
+            if self.probes is not None:
+                result.probes = [self._probe(backend, label, mode) for mode in ((True, False) if bare else (True,))]
+        finally:
+            backend.close()
+        (self.out / "eval").mkdir(exist_ok=True)
+        name = label.lower().split()[0].replace("-", "")
+        (self.out / "eval" / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        ui.table(result)
+        return result
+
+    def _probe(self, backend, label: str, system_prompt: bool):
+        from molting.eval.probes import run_probes
+
+        generation = self.config.generation
+        generation = replace(
+            generation, max_new_tokens=min(generation.max_new_tokens, self.config.probe_max_new_tokens)
+        )
+        title = f"probes: {label}" + ("" if system_prompt else " (no system prompt)")
+        with self.ui.bar(title, len(self.probes.probes)) as advance:
+            return run_probes(
                 backend,
-                persona,
-                rubric,
-                config.generation,
+                self.persona,
+                self.probes,
+                generation,
                 label=label,
-                sampling=config.sampling,
+                system_prompt=system_prompt,
                 progress=lambda i: advance(i + 1),
             )
-    finally:
-        backend.close()
-    (out / "eval").mkdir(exist_ok=True)
-    name = label.lower().split()[0].replace("-", "")
-    (out / "eval" / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
-    ui.table(result)
-    return result
 
 
 def _export(persona: Persona, merged: Path, out: Path, config: RunConfig, ui) -> ExportResult:
@@ -479,7 +541,7 @@ def _register(persona: Persona, config: RunConfig, record, results: dict, artifa
         "run",
         settings,
         list(results.values()),
-        primary="fine-tuned",
+        primary="fine-tuned" if "fine-tuned" in results else None,
         artifacts=artifacts,
         loss=record.loss,
     )

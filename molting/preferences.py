@@ -33,9 +33,9 @@ from molting.data import (
     LintFinding,
     Rules,
     check_message,
+    evaluation_prompts,
     labelled,
     lint_turns,
-    plain,
     read_lines,
     token_budget,
     with_system_prompt,
@@ -168,20 +168,22 @@ def lint_preferences(
     rubric_prompts: Iterable[str] = (),
     wrong: Iterable[Iterable[str]] = (),
     budget: BudgetReport | None = None,
+    held_out: Iterable[str] = (),
 ) -> list[LintFinding]:
     """Read the pairs for what DPO should not push the model towards, before training.
 
     The **chosen** answers (and any assistant turns of the prompt) get ``lint_dataset``'s checks:
     template tokens, a forbidden identity claimed in any person, a persona-wide ``wrong``
-    statement (errors), the wrong language (warning). A user turn that is a rubric question
-    verbatim or nearly is an error, as in the dataset: the rubric would measure recall of the
-    pairs. A pair repeated from an earlier line and a pair the token budget truncates are
+    statement (errors), the wrong language (warning). A user turn that is a rubric question or
+    a held-out probe's prompt, verbatim or nearly, is an error, as in the dataset: the evaluation
+    would measure recall of the pairs. A pair repeated from an earlier line and a pair the token budget truncates are
     warnings. The rejected answers are not linted: they are meant to be wrong.
 
     Args:
         path: the ``preferences.jsonl`` file (read with ``load_preferences``).
         language, forbidden, self_names, rubric_prompts, wrong: as for ``lint_dataset``.
         budget: ``preference_budget`` of these pairs; its truncated pairs become warnings.
+        held_out: the held-out probes' prompts (see ``lint_dataset``).
 
     Returns:
         Findings in line order; ``check`` names as ``lint_dataset``'s, field paths ``prompt[i]``
@@ -190,7 +192,7 @@ def lint_preferences(
     Raises:
         DatasetError: the file cannot be read (see ``load_preferences``).
     """
-    questions = {plain(p): p for p in rubric_prompts}
+    questions = evaluation_prompts(rubric_prompts, held_out)
     rules = Rules(list(forbidden), list(self_names), [list(g) for g in wrong])
     findings, seen = [], {}
     over = dict(budget.over) if budget is not None else {}

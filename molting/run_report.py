@@ -44,6 +44,7 @@ def run_report(
         _preferences(record, train_config),
         _rubric(results, generation, out),
         _comparisons(results),
+        _probes(results),
         _answers(results),
         _export_check(check),
         _how_to_run(gguf, llama_cli),
@@ -133,6 +134,27 @@ def _rubric(results: dict, generation: dict, out: Path) -> str:
         f"Same questions and decoding for every column ({_decoding(generation, sampling)}).\n\n"
         f"{rubric_table(list(results.values()))}\n\n![rubric score per question and model]({SCORES_PNG})\n"
     )
+
+
+def _probes(results: dict) -> str:
+    """Held-out probes: pass rate per kind for every model (and the GGUF without system prompt), the failures."""
+    from molting.eval.probes import failures_section, probes_table
+
+    probed = [p for result in results.values() for p in result.probes]
+    if not probed:
+        return ""
+    parts = [
+        "## Held-out probes\n",
+        f"{len(probed[0].outcomes)} questions that training never sees (`probes.yaml`), one greedy answer each; "
+        "an answer passes or fails (molting/eval/probes.py).\n",
+        probes_table(probed),
+        "",
+    ]
+    for probe in probed:
+        if failed := failures_section(probe):
+            title = probe.label if probe.system_prompt else f"{probe.label}, no system prompt"
+            parts += [f"### Failed probes: {title}\n", failed, ""]
+    return "\n".join(parts)
 
 
 def _export_check(check) -> str:

@@ -30,7 +30,7 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from molting.data import BudgetReport, token_budget, with_system_prompt
 from molting.errors import ConfigError
 from molting.io import atomic_path
-from molting.models import resolve_base_model
+from molting.models import SOURCE_FILE, resolve_base_model
 from molting.persona import DATASET_FILE, PREFERENCES_FILE, Persona
 from molting.preferences import preference_budget
 from molting.registry import package_versions
@@ -60,8 +60,11 @@ class TrainConfig:
         max_length: tokens per training sequence; longer examples are truncated and reported.
         quantization: "auto" (4-bit NF4 on CUDA, none on CPU), "4bit" or "none".
         seed: for the adapter's init and the data order.
+        finetuning: "lora" (an adapter; the LoRA fields apply) or "full" (every weight trained,
+            fp32, no quantization; the run writes ``model/`` instead of ``adapter/``). Full
+            fine-tuning wants a learning rate ~10x below LoRA's (1e-4 rather than 1e-3).
         method: "sft" (supervised fine-tuning on the dataset) or "dpo" (that, then DPO on the
-            persona's ``preferences.jsonl``, continuing the same adapter).
+            persona's ``preferences.jsonl``, continuing the same adapter; LoRA only).
         beta: DPO's KL strength (how far the policy may move from the SFT reference; TRL's default 0.1).
         dpo_epochs, dpo_learning_rate: DPO's schedule; batch, accumulation, warmup and
             ``max_length`` are the SFT ones. 1e-4 is ten times below the SFT rate: a starting
@@ -81,6 +84,7 @@ class TrainConfig:
     max_length: int = 512
     quantization: Quantization = "auto"
     seed: int = 0
+    finetuning: Literal["lora", "full"] = "lora"
     method: Method = "sft"
     beta: float = 0.1
     dpo_epochs: float = 2.0
@@ -94,6 +98,14 @@ class TrainConfig:
         for name in ("beta", "dpo_epochs", "dpo_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.finetuning not in ("lora", "full"):
+            raise ConfigError(f"finetuning {self.finetuning!r} not in ('lora', 'full')")
+        if self.finetuning == "full" and self.quantization == "4bit":
+            raise ConfigError("finetuning='full' trains fp32 weights; 4-bit (QLoRA) needs finetuning='lora'")
+        if self.method == "dpo" and self.finetuning == "full":
+            raise ConfigError(
+                "method='dpo' continues a LoRA adapter against a frozen copy of it; it needs finetuning='lora'"
+            )
         for name in ("r", "lora_alpha", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -135,8 +147,8 @@ def train(
 
     Args:
         persona: a loaded persona with examples (and preferences for DPO).
-        output_dir: receives ``adapter/`` (one peft adapter directory, whatever the method)
-            and ``run.json``.
+        output_dir: receives ``adapter/`` (one peft adapter directory, whatever the method;
+            ``model/`` with ``finetuning="full"``) and ``run.json``.
         config: hyperparameters; TrainConfig() if None.
         on_step: called as on_step(step, total_steps, logs) after each optimizer step, for
             the SFT steps and then, counting from 1 again, the DPO steps.
@@ -153,7 +165,7 @@ def train(
     model_dir = resolve_base_model(config.base_model)
     tokenizer = _training_tokenizer(model_dir)
     budget = token_budget(tokenizer, persona.examples, persona.train_system_prompt, config.max_length)
-    device, quantization = _placement(config.quantization)
+    device, quantization = _placement("none" if config.finetuning == "full" else config.quantization)
     model = _load_model(model_dir, quantization)
     record = RunRecord(asdict(config), device, quantization, budget.summary(), versions=package_versions())
     if config.method == "dpo":
@@ -174,7 +186,7 @@ def train(
         shutil.rmtree(scratch, ignore_errors=True)
     record.train_seconds = round(time.perf_counter() - start, 2)
     record.peak_memory_mb, record.peak_memory_kind = _peak_memory(device)
-    _save(model, record, Path(output_dir))
+    _save(model, record, Path(output_dir), model_dir if config.finetuning == "full" else None)
     return record
 
 
@@ -235,7 +247,7 @@ def _sft(model, tokenizer, persona: Persona, config: TrainConfig, common: dict, 
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=lora if config.finetuning == "lora" else None,
         callbacks=[recorder],
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through on_step instead
@@ -364,9 +376,22 @@ def _peak_memory(device: str) -> tuple[float, str]:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "rss"
 
 
-def _save(model, record: RunRecord, output_dir: Path) -> None:
-    with atomic_path(output_dir / "adapter", directory=True) as tmp:
-        model.save_pretrained(tmp, selected_adapters=["default"])
+def _save(model, record: RunRecord, output_dir: Path, base_dir: Path | None = None) -> None:
+    """``adapter/`` (LoRA; the "default" adapter only) or, given the ``base_dir`` of a full
+    fine-tune, ``model/``: the weights with the base's tokenizer files, as ``merge_adapter``
+    writes a merged model."""
+    if base_dir is None:
+        with atomic_path(output_dir / "adapter", directory=True) as tmp:
+            model.save_pretrained(tmp, selected_adapters=["default"])
+    else:
+        from transformers import AutoTokenizer
+
+        with atomic_path(output_dir / "model", directory=True) as tmp:
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+            for name in (SOURCE_FILE, "tokenizer.model"):
+                if (base_dir / name).is_file():
+                    shutil.copy2(base_dir / name, tmp / name)
     with atomic_path(output_dir / "run.json") as tmp:
         tmp.write_text(json.dumps(asdict(record), indent=2, ensure_ascii=False))
 

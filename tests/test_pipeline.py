@@ -3,9 +3,11 @@
 import contextlib
 import json
 
+import pytest
 import yaml
 
 from molting.backends import GenerationConfig
+from molting.errors import ConfigError
 from molting.persona import Persona
 from molting.pipeline import RunConfig, llama_cli_command, run
 from molting.train import TrainConfig
@@ -61,6 +63,8 @@ def make_persona(tmp_path):
 
 def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
     (tmp_path / "persona").mkdir()
+    probe = {"id": "name", "kind": "name", "prompt": "Como você se chama?", "expect": [["Cláudio"]]}
+    (tmp_path / "persona" / "probes.yaml").write_text(yaml.safe_dump({"probes": [probe]}), encoding="utf-8")
     persona = make_persona(tmp_path / "persona")
     out = tmp_path / "run"
     config = RunConfig(
@@ -100,6 +104,31 @@ def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
     saved = json.loads((out / "claudio.Q8_0.verify.json").read_text())
     assert [f["quant"] for f in saved["files"]] == ["F16", "Q8_0"]
     assert "## Export check" in report and result.check.to_markdown() in report
+    # held-out probes on every model; on the GGUF also without the system prompt (its template carries it)
+    probed = {label: [(p.system_prompt, len(p.outcomes)) for p in r.probes] for label, r in result.results.items()}
+    assert probed == {"base": [(True, 1)], "fine-tuned": [(True, 1)], "GGUF Q8_0": [(True, 1), (False, 1)]}
+    assert "## Held-out probes" in report and "| **all** |" in report and "GGUF Q8_0 (no system prompt)" in report
+
+
+def test_run_can_judge_the_gguf_alone(tiny_llama_256_dir, tmp_path):
+    (tmp_path / "persona").mkdir()
+    persona = make_persona(tmp_path / "persona")
+    config = RunConfig(
+        out=tmp_path / "run",
+        train=TrainConfig(base_model=str(tiny_llama_256_dir), num_train_epochs=1, r=4, lora_alpha=8),
+        generation=GenerationConfig(max_new_tokens=4),
+        quant="Q8_0",
+        n_ctx=256,
+        verify=None,
+        models=("gguf",),
+        registry=tmp_path / "runs",
+    )
+    result = run(persona, config, SilentUI())
+    assert list(result.results) == ["GGUF Q8_0"]
+    entry = json.loads((result.entry / "entry.json").read_text())
+    assert entry["primary"] == "GGUF Q8_0"
+    with pytest.raises(ConfigError, match="choose among"):
+        RunConfig(models=("merged",))
 
 
 def test_llama_cli_command_carries_the_decoding():

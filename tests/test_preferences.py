@@ -288,6 +288,8 @@ def test_dpo_without_preferences_names_the_missing_file(tiny_llama_dir, tmp_path
         TrainConfig(method="ppo")
     with pytest.raises(ConfigError, match="beta must be > 0"):
         TrainConfig(beta=0)
+    with pytest.raises(ConfigError, match="method='dpo' continues a LoRA adapter.*needs finetuning='lora'"):
+        TrainConfig(method="dpo", finetuning="full")
 
 
 def test_cli_train_method_dpo(tiny_llama_dir, tmp_path):

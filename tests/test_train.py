@@ -80,6 +80,31 @@ def test_a_few_lora_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     assert not any(p.name.startswith(".adapter.partial") for p in (tmp_path / "run").iterdir())
 
 
+def test_full_finetuning_trains_every_weight_and_writes_a_model(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = TrainConfig(
+        base_model=str(tiny_llama_dir),
+        num_train_epochs=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        finetuning="full",
+    )
+    record = train(tiny_persona(tmp_path), tmp_path / "run", config)
+    assert record.loss[-1]["loss"] < record.loss[0]["loss"]
+    model_dir = tmp_path / "run" / "model"
+    assert not (tmp_path / "run" / "adapter").exists()
+    trained = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    changed = [name for name in base if not torch.equal(base[name], trained[name])]
+    assert "model.embed_tokens.weight" in changed and "model.norm.weight" in changed  # not only LoRA targets
+    vocab = AutoTokenizer.from_pretrained(tiny_llama_dir).get_vocab()
+    assert AutoTokenizer.from_pretrained(model_dir).get_vocab() == vocab
+    with pytest.raises(ConfigError, match="finetuning='full' trains fp32"):
+        TrainConfig(finetuning="full", quantization="4bit")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="only refused without CUDA")
 def test_4bit_without_cuda_is_refused(tiny_llama_dir, tmp_path):
     config = TrainConfig(base_model=str(tiny_llama_dir), quantization="4bit")

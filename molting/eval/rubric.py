@@ -188,12 +188,15 @@ class RubricResult:
     Attributes:
         questions: per question, every answer and its score, in the rubric's order.
         sampling: how the answers were drawn (``Sampling`` as a dict); empty when unknown.
+        probes: the same model's held-out probes (``molting.eval.probes.ProbeResult``), with the
+            persona's system prompt first and, where run, without it; empty when not run.
     """
 
     label: str
     version: str
     questions: list[QuestionResult]
     sampling: dict = field(default_factory=dict)
+    probes: list = field(default_factory=list)
 
     @property
     def total(self) -> float:
@@ -246,6 +249,7 @@ class RubricResult:
                 }
                 for q in self.questions
             ],
+            "probes": [p.to_dict() for p in self.probes],
         }
 
     @classmethod
@@ -259,10 +263,13 @@ class RubricResult:
             answers = [QuestionScore(**s) for s in data["scores"]]
             questions = [QuestionResult(a.id, a.prompt, [a]) for a in answers]
             return cls(data["label"], data["version"], questions, {"n": 1})
+        from molting.eval.probes import ProbeResult
+
         questions = [
             QuestionResult(q["id"], q["prompt"], [QuestionScore(**a) for a in q["answers"]]) for q in data["questions"]
         ]
-        return cls(data["label"], data["version"], questions, data.get("sampling", {}))
+        probes = [ProbeResult.from_dict(p) for p in data.get("probes", [])]
+        return cls(data["label"], data["version"], questions, data.get("sampling", {}), probes)
 
 
 @dataclass(frozen=True)
@@ -574,6 +581,25 @@ class _Tally:
         """The QuestionScore: points clipped to [0, min(cap, self.cap)], one decimal."""
         score = round(min(cap, self.cap, max(0.0, self.points)), 1)
         return QuestionScore(question.id, question.prompt, answer, score, self.reasons, self.passed, finish_reason)
+
+
+def rescore(result: RubricResult, persona: Persona, rubric: Rubric) -> RubricResult:
+    """``result``'s saved answers scored again by today's judge (``Judge.for_persona``), its probes kept.
+
+    For comparing runs scored before a rubric change: the answers stay, the points follow the rules.
+
+    Raises:
+        PersonaError: an answered question id is not in ``rubric``.
+    """
+    judge = Judge.for_persona(persona, rubric)
+    by_id = {q.id: q for q in rubric.questions}
+    questions = []
+    for old in result.questions:
+        if old.id not in by_id:
+            raise PersonaError(f"rubric {rubric.version}: no question {old.id!r} (answered in {result.label})")
+        answers = [judge.score(by_id[old.id], a.answer, a.finish_reason) for a in old.answers]
+        questions.append(QuestionResult(old.id, old.prompt, answers))
+    return RubricResult(result.label, rubric.version, questions, result.sampling, result.probes)
 
 
 def evaluate(

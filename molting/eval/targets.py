@@ -16,6 +16,7 @@ from molting.eval.rubric import RubricResult, Sampling, evaluate
 
 if TYPE_CHECKING:
     from molting.backends.base import Backend, GenerationConfig
+    from molting.eval.probes import ProbeResult, ProbeSet
     from molting.eval.rubric import Rubric
     from molting.persona import Persona
 
@@ -75,6 +76,8 @@ def evaluate_targets(
     config: GenerationConfig,
     sampling: Sampling,
     ui,
+    probes: ProbeSet | None = None,
+    probe_config: GenerationConfig | None = None,
 ) -> list[RubricResult]:
     """Evaluate each model in turn with the same decoding and sampling.
 
@@ -83,9 +86,12 @@ def evaluate_targets(
         models: label -> a function opening the model's Backend (called once, closed after).
         config, sampling: as for ``evaluate``, the same for every model.
         ui: progress reporter with ``step(title)`` and ``bar(title, total)`` (see ``molting.pipeline.run``).
+        probes: held-out probes to ask each model too (``molting.eval.probes``), with the system
+            prompt, and on a llama.cpp model also without it (a GGUF's template carries it); None skips.
+        probe_config: decoding of the probes (default ``config``).
 
     Returns:
-        One RubricResult per model, in ``models``' order.
+        One RubricResult per model, in ``models``' order, its probes attached.
     """
     results = []
     for label, open_backend in models.items():
@@ -96,7 +102,26 @@ def evaluate_targets(
                 result = evaluate(
                     backend, persona, rubric, config, label=label, sampling=sampling, progress=lambda i: advance(i + 1)
                 )
+            if probes is not None:
+                modes = (True, False) if backend.name == "llama.cpp" else (True,)
+                result.probes = [_probe(backend, persona, probes, probe_config or config, label, m, ui) for m in modes]
         finally:
             backend.close()
         results.append(result)
     return results
+
+
+def _probe(backend, persona, probes: ProbeSet, config, label: str, system_prompt: bool, ui) -> ProbeResult:
+    from molting.eval.probes import run_probes
+
+    title = f"probes: {label}" + ("" if system_prompt else " (no system prompt)")
+    with ui.bar(title, len(probes.probes)) as advance:
+        return run_probes(
+            backend,
+            persona,
+            probes,
+            config,
+            label=label,
+            system_prompt=system_prompt,
+            progress=lambda i: advance(i + 1),
+        )
