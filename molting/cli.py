@@ -59,6 +59,12 @@ Alpha = Annotated[int, typer.Option(help="LoRA alpha, scale = lora_alpha / r [de
 LR = Annotated[float, typer.Option("--lr", help="learning rate [default: TrainConfig's]")]
 MaxLength = Annotated[int, typer.Option(help="training sequence limit, tokens [default: TrainConfig's]")]
 Quantization = Annotated[str, typer.Option(help="auto (4-bit on CUDA, none on CPU), 4bit or none")]
+Method = Annotated[
+    str,
+    typer.Option(
+        help="sft, or dpo: SFT, then DPO on the persona's preferences.jsonl in the same adapter [default: sft]"
+    ),
+]
 MaxNew = Annotated[int, typer.Option(help="max_new_tokens for generation")]
 RepPenalty = Annotated[float, typer.Option(help="repetition_penalty (1.0 disables)")]
 Quant = Annotated[
@@ -152,11 +158,12 @@ class RichUI:
             console.print(f"[yellow]example {item['example']} is {item['tokens_over']} tokens over max_length")
 
 
-def _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization):
+def _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method=None):
     from molting.train import TrainConfig
 
     options = dict(
         base_model=base,
+        method=method,
         num_train_epochs=epochs,
         r=r,
         lora_alpha=lora_alpha,
@@ -183,6 +190,7 @@ def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: M
     from molting.data import lint_persona, token_budget
     from molting.models import resolve_base_model
     from molting.persona import Persona
+    from molting.preferences import preference_budget
     from molting.train import TrainConfig
 
     max_length = max_length or TrainConfig.max_length
@@ -191,14 +199,23 @@ def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: M
         tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(base))
     except MoltingError as exc:
         _fail(exc)
-    console.print(f"{persona.name}: {len(persona.examples)} examples, language {persona.language}")
+    pairs = f", {len(persona.preferences)} preference pairs" if persona.preferences else ""
+    console.print(f"{persona.name}: {len(persona.examples)} examples{pairs}, language {persona.language}")
     budgets = {}
     for label, prompt in (("training", persona.train_system_prompt), ("inference", persona.system_prompt)):
         console.print(f"[bold]{label} system prompt")
         budgets[label] = token_budget(tokenizer, persona.examples, prompt, max_length)
         RichUI().budget(budgets[label])
+    pair_budget = None
+    if persona.preferences:
+        pair_budget = preference_budget(tokenizer, persona.preferences, persona.train_system_prompt, max_length)
+        s = pair_budget.summary()
+        console.print(
+            f"preference pairs (training system prompt): tokens min {s['tokens_min']}, median "
+            f"{s['tokens_median']}, max {s['tokens_max']}; truncated: {s['truncated_examples']}"
+        )
     try:
-        findings = lint_persona(persona, budgets["training"])
+        findings = lint_persona(persona, budgets["training"], pair_budget)
     except MoltingError as exc:
         _fail(exc)
     RichUI().lint(findings)
@@ -217,22 +234,23 @@ def train(
     lr: LR = None,
     max_length: MaxLength = None,
     quantization: Quantization = "auto",
+    method: Method = None,
     runs: Runs = Path("runs"),
 ) -> None:
-    """Lint the persona's dataset, then fine-tune a LoRA adapter on it."""
+    """Lint the persona's dataset, then fine-tune a LoRA adapter on it (--method dpo: then DPO on its preferences)."""
     from molting import registry
     from molting.data import lint_persona, raise_on_lint_errors
     from molting.persona import Persona
     from molting.train import train as run_training
-    from molting.train import training_budget
+    from molting.train import training_budget, training_pair_budget
 
     ui = RichUI()
     try:
         persona = Persona.load(persona_dir)
-        config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization)
+        config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method)
         out = out or Path("runs") / persona.slug
         budget = training_budget(persona, config)
-        findings = lint_persona(persona, budget)
+        findings = lint_persona(persona, budget, training_pair_budget(persona, config))
         ui.lint(findings)
         raise_on_lint_errors(findings)
         ui.budget(budget)
@@ -244,6 +262,13 @@ def train(
         )
     except MoltingError as exc:
         _fail(exc)
+    if record.dpo:
+        last = record.dpo[-1]
+        console.print(
+            f"DPO: {len(record.dpo)} steps, {record.dpo_seconds:.0f} s; last step: loss {last['loss']:.3f}, "
+            f"rewards/margins {last.get('rewards/margins', float('nan')):.3f}, "
+            f"rewards/accuracies {last.get('rewards/accuracies', float('nan')):.2f}"
+        )
     console.print(
         f"adapter: {out / 'adapter'}  ({record.train_seconds:.0f} s, "
         f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind})\nregistered: {entry.root}"
@@ -488,6 +513,7 @@ def run_all(
     max_length: MaxLength = None,
     quantization: Quantization = "auto",
     quant: Quant = "auto",
+    method: Method = None,
     max_new_tokens: MaxNew = 200,
     repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
     no_verify: NoVerify = False,
@@ -505,7 +531,7 @@ def run_all(
             out=out,
             quant=quant,
             verify=None if no_verify else VerifyConfig(),
-            train=_train_config(base, epochs, r, lora_alpha, lr, max_length, quantization),
+            train=_train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method),
             generation=GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty),
             sampling=Sampling(n=samples),
             registry=runs,

@@ -22,7 +22,7 @@ import difflib
 import json
 import re
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -64,9 +64,23 @@ def numbered_examples(path: str | Path) -> list[tuple[int, Conversation]]:
     (both are JSON whitespace once the mark is gone). Raises as ``load_dataset``.
     """
     path = Path(path)
+    examples = [(number, parse_line(line, path, number)) for number, line in read_lines(path)]
+    if not examples:
+        raise DatasetError(path, None, "no examples")
+    return examples
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a JSONL file with their 1-based numbers, as text.
+
+    A leading UTF-8 byte-order mark is skipped; CRLF line ends are left to the JSON parser
+    (they are JSON whitespace).
+
+    Raises:
+        DatasetError: the file does not exist, or a line is not UTF-8 (naming line and byte).
+    """
     if not path.is_file():
         raise DatasetError(path, None, "file not found")
-    examples = []
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
             raw = raw.removeprefix(BOM) if number == 1 else raw
@@ -75,10 +89,7 @@ def numbered_examples(path: str | Path) -> list[tuple[int, Conversation]]:
             except UnicodeDecodeError as exc:
                 raise DatasetError(path, number, f"not UTF-8 (byte {exc.start})") from None
             if line.strip():
-                examples.append((number, parse_line(line, path, number)))
-    if not examples:
-        raise DatasetError(path, None, "no examples")
-    return examples
+                yield number, line
 
 
 def parse_line(line: str, path: Path, number: int) -> Conversation:
@@ -91,20 +102,33 @@ def parse_line(line: str, path: Path, number: int) -> Conversation:
         raise DatasetError(path, number, "expected an object with a list", field="messages")
     messages = record["messages"]
     for i, message in enumerate(messages):
-        _check_message(message, i, path, number)
+        check_message(message, f"messages[{i}]", path, number, first=i == 0)
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(path, number, "no assistant turn to learn from", field="messages")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _check_message(message: Any, i: int, path: Path, number: int) -> None:
-    where = f"messages[{i}]"
+def check_message(
+    message: Any, where: str, path: Path, number: int, first: bool = False, roles: tuple[str, ...] = ROLES
+) -> None:
+    """Check one ``{"role", "content"}`` message of a JSONL line.
+
+    Args:
+        message: the decoded JSON value.
+        where: its field path, for the error (``messages[2]``, ``chosen[0]``).
+        path, number: the file and 1-based line, for the error.
+        first: the message opens its conversation (the only place a ``system`` turn may be).
+        roles: the roles allowed here.
+
+    Raises:
+        DatasetError: not an object, a role outside ``roles``, a late system turn, empty content.
+    """
     if not isinstance(message, dict):
         raise DatasetError(path, number, "expected an object", field=where)
     role = message.get("role")
-    if role not in ROLES:
-        raise DatasetError(path, number, f"unknown role {role!r}; allowed: {ROLES}", f"{where}.role")
-    if role == "system" and i != 0:
+    if role not in roles:
+        raise DatasetError(path, number, f"unknown role {role!r}; allowed: {roles}", f"{where}.role")
+    if role == "system" and not first:
         raise DatasetError(path, number, "a system turn may only come first", f"{where}.role")
     content = message.get("content")
     if not isinstance(content, str) or not content.strip():
@@ -238,12 +262,11 @@ def lint_dataset(
         DatasetError: the file cannot be read (see ``load_dataset``).
     """
     examples = numbered_examples(path)
-    questions = {_plain(p): ("rubric-question", "rubric question", p) for p in rubric_prompts}
-    questions.update({_plain(p): ("held-out", "held-out probe", p) for p in held_out})
+    questions = evaluation_prompts(rubric_prompts, held_out)
     rules = Rules(list(forbidden), list(self_names), [list(g) for g in wrong])
     findings, seen = [], {}
     for index, (line, conversation) in enumerate(examples, start=1):
-        found = _lint_turns(conversation, language, rules, questions)
+        found = lint_turns(labelled(conversation, "messages"), language, rules, questions)
         key = json.dumps(conversation, ensure_ascii=False)
         if key in seen:
             found.append(("duplicate", f"repeats line {seen[key]}", "warning"))
@@ -267,15 +290,29 @@ class Rules:
     wrong: list[list[str]]
 
 
-def _lint_turns(conversation: Conversation, language: str, rules: Rules, questions: dict[str, tuple]) -> list[tuple]:
-    """(check, message, severity) for each problem in one conversation's turns."""
+def labelled(messages: Conversation, name: str) -> list[tuple[str, dict[str, str]]]:
+    """``(field path, message)`` pairs: ``messages[0]``, ``messages[1]``, ... for ``name="messages"``."""
+    return [(f"{name}[{i}]", message) for i, message in enumerate(messages)]
+
+
+def lint_turns(
+    turns: list[tuple[str, dict[str, str]]], language: str, rules: Rules, questions: dict[str, tuple]
+) -> list[tuple]:
+    """(check, message, severity) for each problem in one conversation's turns.
+
+    Args:
+        turns: ``(field path, message)`` in conversation order (see ``labelled``).
+        language: the persona's language.
+        rules: forbidden identities, own names, wrong statements.
+        questions: the evaluation prompts training must not hold (``evaluation_prompts``).
+    """
     found = []
     asked = None
-    for i, message in enumerate(conversation):
-        text, where = message["content"], f"messages[{i}]"
+    for where, message in turns:
+        text = message["content"]
         if message["role"] == "user":
             asked = checks.detect_language(text, min_words=1) or asked
-            found += _rubric_question(text, where, questions)
+            found += rubric_question(text, where, questions)
         if message["role"] != "assistant":
             continue
         if leaked := checks.leaked_tokens(text):
@@ -292,18 +329,25 @@ def _lint_turns(conversation: Conversation, language: str, rules: Rules, questio
     return found
 
 
-def _rubric_question(text: str, where: str, questions: dict[str, tuple]) -> list[tuple]:
-    """A user turn that is an evaluation prompt: ``questions`` maps normalized text to (check, what, prompt)."""
-    plain = _plain(text)
+def evaluation_prompts(rubric_prompts: Iterable[str], held_out: Iterable[str] = ()) -> dict[str, tuple]:
+    """``{plain text: (check, what, prompt)}`` of the rubric questions and held-out probe prompts."""
+    questions = {plain(p): ("rubric-question", "rubric question", p) for p in rubric_prompts}
+    questions.update({plain(p): ("held-out", "held-out probe", p) for p in held_out})
+    return questions
+
+
+def rubric_question(text: str, where: str, questions: dict[str, tuple]) -> list[tuple]:
+    """A ``rubric-question`` or ``held-out`` error when ``text`` is one of ``questions`` or nearly."""
+    text_plain = plain(text)
     for normalized, (check, what, prompt) in questions.items():
-        ratio = difflib.SequenceMatcher(None, plain, normalized).ratio()
+        ratio = difflib.SequenceMatcher(None, text_plain, normalized).ratio()
         if ratio >= NEAR_VERBATIM:
             how = "verbatim" if ratio == 1 else f"nearly verbatim ({ratio:.0%} similar)"
             return [(check, f"{where}: {what} {prompt!r} {how}: {_quote(text)}", "error")]
     return []
 
 
-def _plain(text: str) -> str:
+def plain(text: str) -> str:
     """Normalized text without punctuation, for comparing questions."""
     return " ".join(re.findall(r"\w+", checks.normalize(text)))
 
@@ -312,28 +356,40 @@ def _quote(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
-def lint_persona(persona: Persona, budget: BudgetReport | None = None) -> list[LintFinding]:
-    """``lint_dataset`` on a persona's ``dataset.jsonl`` with its language, identities and rubric questions.
+def lint_persona(
+    persona: Persona, budget: BudgetReport | None = None, pair_budget: BudgetReport | None = None
+) -> list[LintFinding]:
+    """``lint_dataset`` on a persona's ``dataset.jsonl`` and ``lint_preferences`` on its
+    ``preferences.jsonl``, with its language, identities and rubric questions.
+
+    Args:
+        persona: a loaded persona.
+        budget: ``token_budget`` of the dataset (truncated examples become warnings).
+        pair_budget: ``preference_budget`` of the pairs (likewise).
 
     Returns:
-        The findings; none for a persona without a dataset file.
+        The dataset's findings, then the preferences'; none for a file that is not there.
     """
-    from molting.eval.rubric import load_rubric
-    from molting.persona import DATASET_FILE
-
-    path = persona.root / DATASET_FILE if persona.root else None
-    if path is None or not path.is_file():
-        return []
     from molting.eval.probes import load_probes
+    from molting.eval.rubric import load_rubric
+    from molting.persona import DATASET_FILE, PREFERENCES_FILE
+    from molting.preferences import lint_preferences
 
+    if persona.root is None:
+        return []
+    dataset, preferences = persona.root / DATASET_FILE, persona.root / PREFERENCES_FILE
+    if not dataset.is_file() and not preferences.is_file():
+        return []
     rubric = load_rubric(persona)
-    prompts = [q.prompt for q in rubric.questions]
+    identity = (persona.forbidden_identities, persona.names, [q.prompt for q in rubric.questions])
     probes = load_probes(persona)
     held_out = [probe.prompt for probe in probes.probes] if probes else []
-    names = persona.names
-    return lint_dataset(
-        path, persona.language, persona.forbidden_identities, names, prompts, budget, rubric.wrong, held_out
-    )
+    findings = []
+    if dataset.is_file():
+        findings += lint_dataset(dataset, persona.language, *identity, budget, rubric.wrong, held_out)
+    if preferences.is_file():
+        findings += lint_preferences(preferences, persona.language, *identity, rubric.wrong, pair_budget, held_out)
+    return findings
 
 
 def raise_on_lint_errors(findings: list[LintFinding]) -> None:

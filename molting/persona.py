@@ -4,6 +4,7 @@ A persona directory holds::
 
     persona.yaml    # name, identity facts, traits, language, system prompts (unknown keys rejected)
     dataset.jsonl   # chat examples, one {"messages": [...]} object per line (TRL's format)
+    preferences.jsonl  # optional: chosen/rejected answer pairs for DPO (see molting.preferences)
     rubric.yaml     # optional: the evaluation questions (see molting.eval.rubric)
 """
 
@@ -20,12 +21,14 @@ import yaml
 
 from molting.data import Conversation, load_dataset
 from molting.errors import PersonaError
+from molting.preferences import Preference, load_preferences
 
 if TYPE_CHECKING:
     from molting.backends.base import Backend, Message
 
 PERSONA_FILE = "persona.yaml"
 DATASET_FILE = "dataset.jsonl"
+PREFERENCES_FILE = "preferences.jsonl"
 RUBRIC_FILE = "rubric.yaml"
 LANGUAGES = ("pt", "en", "es")
 
@@ -46,6 +49,7 @@ class Persona:
         forbidden_identities: who the persona must never claim to be ("João", "ChatGPT").
         root: the persona directory.
         examples: the validated conversations of ``dataset.jsonl``.
+        preferences: the validated pairs of ``preferences.jsonl``; empty without the file.
     """
 
     name: str
@@ -58,6 +62,7 @@ class Persona:
     forbidden_identities: list[str] = field(default_factory=list)
     root: Path | None = None
     examples: list[Conversation] = field(default_factory=list, repr=False)
+    preferences: list[Preference] = field(default_factory=list, repr=False)
 
     @classmethod
     def load(cls, path: str | Path) -> Persona:
@@ -65,7 +70,7 @@ class Persona:
 
         Raises:
             PersonaError: missing files, unknown or missing keys, wrong types.
-            DatasetError: an invalid dataset line (names the file, line and field).
+            DatasetError: an invalid dataset or preferences line (names the file, line and field).
         """
         root = Path(path)
         spec_path = root / PERSONA_FILE
@@ -79,6 +84,9 @@ class Persona:
         dataset = root / DATASET_FILE
         if dataset.exists():
             persona.examples = load_dataset(dataset)
+        preferences = root / PREFERENCES_FILE
+        if preferences.exists():
+            persona.preferences = load_preferences(preferences)
         return persona
 
     @property
@@ -131,7 +139,7 @@ class Persona:
 def _check_spec(spec: object, path: Path) -> dict:
     if not isinstance(spec, dict):
         raise PersonaError(f"{path}: expected a mapping of keys, got {type(spec).__name__}")
-    allowed = {f.name for f in fields(Persona)} - {"root", "examples"}
+    allowed = {f.name for f in fields(Persona)} - {"root", "examples", "preferences"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise PersonaError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")

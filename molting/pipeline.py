@@ -157,13 +157,13 @@ def _budget(persona: Persona, config: RunConfig, ui) -> None:
         DatasetError: the lint found an error (``molting.data.lint_dataset``).
     """
     from molting.data import lint_persona, raise_on_lint_errors
-    from molting.train import training_budget
+    from molting.train import training_budget, training_pair_budget
 
     ui.step(f"Token budget (max_length {config.train.max_length}, {config.train.base_model}'s chat template)")
     budget = training_budget(persona, config.train)
     ui.budget(budget)
     ui.step("Dataset lint")
-    findings = lint_persona(persona, budget)
+    findings = lint_persona(persona, budget, training_pair_budget(persona, config.train))
     ui.lint(findings)
     raise_on_lint_errors(findings)
 
@@ -171,7 +171,8 @@ def _budget(persona: Persona, config: RunConfig, ui) -> None:
 def _train(persona, config: RunConfig, out: Path, ui):
     from molting.train import train
 
-    ui.step(f"Training LoRA on {len(persona.examples)} examples")
+    then = f", then DPO on {len(persona.preferences)} preference pairs" if config.train.method == "dpo" else ""
+    ui.step(f"Training LoRA on {len(persona.examples)} examples{then}")
     with ui.bar("training", None) as advance:
         record = train(persona, out, config.train, on_step=lambda step, total, logs: advance(step, total))
     (out / "budget.json").write_text(json.dumps(record.budget, indent=2))

@@ -41,6 +41,7 @@ def run_report(
         _settings(record, train_config, generation),
         _budget(record.budget),
         _loss(record.loss, out),
+        _preferences(record, train_config),
         _rubric(results, generation, out),
         _comparisons(results),
         _probes(results),
@@ -62,6 +63,7 @@ def _settings(record, train_config: dict, generation: dict) -> str:
         "per_device_train_batch_size",
         "gradient_accumulation_steps",
         "max_length",
+        "method",
     )
     rows = "\n".join(f"| {k} | {train_config[k]} |" for k in keys)
     memory = f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind.upper()}"
@@ -98,6 +100,26 @@ def _loss(loss: list[dict], out: Path) -> str:
         f"{len(values)} steps, {first:.3f} → {last:.3f} ({(last - first) / first:+.0%}). "
         "Loss is not the verdict: the research log saw loss fall 35% while the answers got worse; "
         f"the rubric below is.\n\n![training loss per step]({LOSS_PNG})\n"
+    )
+
+
+def _preferences(record, train_config: dict) -> str:
+    """The DPO phase: settings, then loss and TRL's rewards per step; nothing for an SFT-only run."""
+    if not record.dpo:
+        return ""
+    rows = "\n".join(
+        f"| {e['step']} | {e['loss']:.4f} | {e.get('rewards/margins', float('nan')):.3f} "
+        f"| {e.get('rewards/accuracies', float('nan')):.2f} |"
+        for e in record.dpo
+    )
+    return (
+        "## Preference training (DPO)\n\n"
+        f"After SFT, the same adapter trained on preferences.jsonl against the SFT model: beta "
+        f"{train_config['beta']}, {train_config['dpo_epochs']} epochs, learning rate "
+        f"{train_config['dpo_learning_rate']}, {record.dpo_seconds:.0f} s. A margin is beta x (log-ratio of "
+        "the chosen answer - that of the rejected one) to the reference, in nats; the first step is log 2 "
+        "and 0 by construction.\n\n"
+        f"| step | loss | rewards/margins | rewards/accuracies |\n|---|---|---|---|\n{rows}\n"
     )
 
 

@@ -320,6 +320,11 @@ def test_report_pictures_are_pngs(tmp_path, claudio, joao_only):
         train_seconds=1,
         peak_memory_mb=1,
         peak_memory_kind="rss",
+        dpo=[
+            {"step": 1, "loss": 0.6931, "rewards/margins": 0.0, "rewards/accuracies": 0.0},
+            {"step": 2, "loss": 0.52, "rewards/margins": 0.41, "rewards/accuracies": 0.75},
+        ],
+        dpo_seconds=1,
     )
     train_config = dict.fromkeys(
         (
@@ -332,6 +337,10 @@ def test_report_pictures_are_pngs(tmp_path, claudio, joao_only):
             "per_device_train_batch_size",
             "gradient_accumulation_steps",
             "max_length",
+            "method",
+            "beta",
+            "dpo_epochs",
+            "dpo_learning_rate",
         ),
         1,
     )
@@ -350,6 +359,7 @@ def test_report_pictures_are_pngs(tmp_path, claudio, joao_only):
         "![training loss per step](loss.png)" in text and "![rubric score per question and model](scores.png)" in text
     )
     assert "each question answered 3 times" in text and "•" not in text  # no hand-drawn chart left
+    assert "## Preference training (DPO)" in text and "| 2 | 0.5200 | 0.410 | 0.75 |" in text
     for name in ("loss.png", "scores.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from matplotlib.image import imread
