@@ -63,6 +63,11 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
         {"infer": "train", "extra": True},
         {"num_train_epochs": 1.0, "finetuning": "full", "learning_rate": 1e-4},
     ),
+    "extra-1ep-dpo": (
+        "extra-1ep, then DPO on preferences.jsonl (58 pairs, 2 epochs, beta 0.1, lr 1e-4)",
+        {"infer": "train", "extra": True},
+        {"num_train_epochs": 1.0, "method": "dpo"},
+    ),
     "extra-3ep": ("extra, 3 epochs", {"infer": "train", "extra": True}, {"num_train_epochs": 3.0}),
     "extra-lr2e-4": ("extra, learning rate 2e-4", {"infer": "train", "extra": True}, {"learning_rate": 2e-4}),
     "extra-r64": ("extra, r 64, lora_alpha 128", {"infer": "train", "extra": True}, {"r": 64, "lora_alpha": 128}),

@@ -65,6 +65,9 @@ Method = Annotated[
         help="sft, or dpo: SFT, then DPO on the persona's preferences.jsonl in the same adapter [default: sft]"
     ),
 ]
+Finetuning = Annotated[
+    str, typer.Option(help="lora (an adapter), or full: every weight, fp32 (SFT only) [default: lora]")
+]
 MaxNew = Annotated[int, typer.Option(help="max_new_tokens for generation")]
 RepPenalty = Annotated[float, typer.Option(help="repetition_penalty (1.0 disables)")]
 Quant = Annotated[
@@ -158,12 +161,13 @@ class RichUI:
             console.print(f"[yellow]example {item['example']} is {item['tokens_over']} tokens over max_length")
 
 
-def _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method=None):
+def _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method=None, finetuning=None):
     from molting.train import TrainConfig
 
     options = dict(
         base_model=base,
         method=method,
+        finetuning=finetuning,
         num_train_epochs=epochs,
         r=r,
         lora_alpha=lora_alpha,
@@ -235,6 +239,7 @@ def train(
     max_length: MaxLength = None,
     quantization: Quantization = "auto",
     method: Method = None,
+    finetuning: Finetuning = None,
     runs: Runs = Path("runs"),
 ) -> None:
     """Lint the persona's dataset, then fine-tune a LoRA adapter on it (--method dpo: then DPO on its preferences)."""
@@ -247,7 +252,7 @@ def train(
     ui = RichUI()
     try:
         persona = Persona.load(persona_dir)
-        config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method)
+        config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method, finetuning)
         out = out or Path("runs") / persona.slug
         budget = training_budget(persona, config)
         findings = lint_persona(persona, budget, training_pair_budget(persona, config))
@@ -256,7 +261,8 @@ def train(
         ui.budget(budget)
         with ui.bar("training", None) as advance:
             record = run_training(persona, out, config, on_step=lambda s, n, logs: advance(s, n))
-        artifacts = {"adapter": out / "adapter", "run_json": out / "run.json"}
+        weights = out / ("model" if config.finetuning == "full" else "adapter")
+        artifacts = {"adapter": weights, "run_json": out / "run.json"}
         entry = registry.record(
             runs, persona, "train", registry.config_dict(train=config), artifacts=artifacts, loss=record.loss
         )
@@ -270,7 +276,7 @@ def train(
             f"rewards/accuracies {last.get('rewards/accuracies', float('nan')):.2f}"
         )
     console.print(
-        f"adapter: {out / 'adapter'}  ({record.train_seconds:.0f} s, "
+        f"{weights.name}: {weights}  ({record.train_seconds:.0f} s, "
         f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind})\nregistered: {entry.root}"
     )
 
@@ -514,6 +520,7 @@ def run_all(
     quantization: Quantization = "auto",
     quant: Quant = "auto",
     method: Method = None,
+    finetuning: Finetuning = None,
     max_new_tokens: MaxNew = 200,
     repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
     no_verify: NoVerify = False,
@@ -531,7 +538,7 @@ def run_all(
             out=out,
             quant=quant,
             verify=None if no_verify else VerifyConfig(),
-            train=_train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method),
+            train=_train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method, finetuning),
             generation=GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty),
             sampling=Sampling(n=samples),
             registry=runs,

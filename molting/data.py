@@ -290,13 +290,6 @@ class Rules:
     wrong: list[list[str]]
 
 
-def evaluation_prompts(rubric_prompts: Iterable[str], held_out: Iterable[str] = ()) -> dict[str, tuple]:
-    """The prompts training must not hold, by ``plain`` text: (check, what, prompt) for ``rubric_question``."""
-    questions = {plain(p): ("rubric-question", "rubric question", p) for p in rubric_prompts}
-    questions.update({plain(p): ("held-out", "held-out probe", p) for p in held_out})
-    return questions
-
-
 def labelled(messages: Conversation, name: str) -> list[tuple[str, dict[str, str]]]:
     """``(field path, message)`` pairs: ``messages[0]``, ``messages[1]``, ... for ``name="messages"``."""
     return [(f"{name}[{i}]", message) for i, message in enumerate(messages)]
@@ -311,7 +304,7 @@ def lint_turns(
         turns: ``(field path, message)`` in conversation order (see ``labelled``).
         language: the persona's language.
         rules: forbidden identities, own names, wrong statements.
-        questions: ``evaluation_prompts``.
+        questions: the evaluation prompts training must not hold (``evaluation_prompts``).
     """
     found = []
     asked = None
@@ -336,8 +329,15 @@ def lint_turns(
     return found
 
 
+def evaluation_prompts(rubric_prompts: Iterable[str], held_out: Iterable[str] = ()) -> dict[str, tuple]:
+    """``{plain text: (check, what, prompt)}`` of the rubric questions and held-out probe prompts."""
+    questions = {plain(p): ("rubric-question", "rubric question", p) for p in rubric_prompts}
+    questions.update({plain(p): ("held-out", "held-out probe", p) for p in held_out})
+    return questions
+
+
 def rubric_question(text: str, where: str, questions: dict[str, tuple]) -> list[tuple]:
-    """A user turn that is an evaluation prompt: ``questions`` maps normalized text to (check, what, prompt)."""
+    """A ``rubric-question`` or ``held-out`` error when ``text`` is one of ``questions`` or nearly."""
     text_plain = plain(text)
     for normalized, (check, what, prompt) in questions.items():
         ratio = difflib.SequenceMatcher(None, text_plain, normalized).ratio()
@@ -360,7 +360,7 @@ def lint_persona(
     persona: Persona, budget: BudgetReport | None = None, pair_budget: BudgetReport | None = None
 ) -> list[LintFinding]:
     """``lint_dataset`` on a persona's ``dataset.jsonl`` and ``lint_preferences`` on its
-    ``preferences.jsonl``, with its language, identities, rubric questions and held-out probes.
+    ``preferences.jsonl``, with its language, identities and rubric questions.
 
     Args:
         persona: a loaded persona.
@@ -381,9 +381,9 @@ def lint_persona(
     if not dataset.is_file() and not preferences.is_file():
         return []
     rubric = load_rubric(persona)
+    identity = (persona.forbidden_identities, persona.names, [q.prompt for q in rubric.questions])
     probes = load_probes(persona)
     held_out = [probe.prompt for probe in probes.probes] if probes else []
-    identity = (persona.forbidden_identities, persona.names, [q.prompt for q in rubric.questions])
     findings = []
     if dataset.is_file():
         findings += lint_dataset(dataset, persona.language, *identity, budget, rubric.wrong, held_out)

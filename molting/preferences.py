@@ -174,16 +174,15 @@ def lint_preferences(
 
     The **chosen** answers (and any assistant turns of the prompt) get ``lint_dataset``'s checks:
     template tokens, a forbidden identity claimed in any person, a persona-wide ``wrong``
-    statement (errors), the wrong language (warning). A user turn that is a rubric question or
-    a held-out probe's prompt, verbatim or nearly, is an error, as in the dataset: the evaluation
-    would measure recall of the pairs. A pair repeated from an earlier line and a pair the token budget truncates are
-    warnings. The rejected answers are not linted: they are meant to be wrong.
+    statement (errors), the wrong language (warning). A user turn that is a rubric question or a
+    held-out probe's prompt, verbatim or nearly, is an error, as in the dataset: the rubric and
+    the probes would measure recall of the pairs. A pair repeated from an earlier line and a pair
+    the token budget truncates are warnings. The rejected answers are not linted: they are meant to be wrong.
 
     Args:
         path: the ``preferences.jsonl`` file (read with ``load_preferences``).
-        language, forbidden, self_names, rubric_prompts, wrong: as for ``lint_dataset``.
+        language, forbidden, self_names, rubric_prompts, wrong, held_out: as for ``lint_dataset``.
         budget: ``preference_budget`` of these pairs; its truncated pairs become warnings.
-        held_out: the held-out probes' prompts (see ``lint_dataset``).
 
     Returns:
         Findings in line order; ``check`` names as ``lint_dataset``'s, field paths ``prompt[i]``

@@ -60,15 +60,15 @@ class TrainConfig:
         max_length: tokens per training sequence; longer examples are truncated and reported.
         quantization: "auto" (4-bit NF4 on CUDA, none on CPU), "4bit" or "none".
         seed: for the adapter's init and the data order.
-        finetuning: "lora" (an adapter; the LoRA fields apply) or "full" (every weight trained,
-            fp32, no quantization; the run writes ``model/`` instead of ``adapter/``). Full
-            fine-tuning wants a learning rate ~10x below LoRA's (1e-4 rather than 1e-3).
         method: "sft" (supervised fine-tuning on the dataset) or "dpo" (that, then DPO on the
-            persona's ``preferences.jsonl``, continuing the same adapter; LoRA only).
+            persona's ``preferences.jsonl``, continuing the same adapter).
         beta: DPO's KL strength (how far the policy may move from the SFT reference; TRL's default 0.1).
         dpo_epochs, dpo_learning_rate: DPO's schedule; batch, accumulation, warmup and
             ``max_length`` are the SFT ones. 1e-4 is ten times below the SFT rate: a starting
             point, not a tuned value.
+        finetuning: "lora" (an adapter; the LoRA fields apply) or "full" (every weight trained,
+            fp32, no quantization; the run writes ``model/`` instead of ``adapter/``; SFT only).
+            Full fine-tuning wants a learning rate ~10x below LoRA's (1e-4 rather than 1e-3).
     """
 
     base_model: str = "smollm2-135m"
@@ -84,11 +84,11 @@ class TrainConfig:
     max_length: int = 512
     quantization: Quantization = "auto"
     seed: int = 0
-    finetuning: Literal["lora", "full"] = "lora"
     method: Method = "sft"
     beta: float = 0.1
     dpo_epochs: float = 2.0
     dpo_learning_rate: float = 1e-4
+    finetuning: Literal["lora", "full"] = "lora"
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "4bit", "none"):
@@ -102,10 +102,8 @@ class TrainConfig:
             raise ConfigError(f"finetuning {self.finetuning!r} not in ('lora', 'full')")
         if self.finetuning == "full" and self.quantization == "4bit":
             raise ConfigError("finetuning='full' trains fp32 weights; 4-bit (QLoRA) needs finetuning='lora'")
-        if self.method == "dpo" and self.finetuning == "full":
-            raise ConfigError(
-                "method='dpo' continues a LoRA adapter against a frozen copy of it; it needs finetuning='lora'"
-            )
+        if self.finetuning == "full" and self.method == "dpo":
+            raise ConfigError("method='dpo' continues a LoRA adapter; it needs finetuning='lora'")
         for name in ("r", "lora_alpha", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -147,8 +145,8 @@ def train(
 
     Args:
         persona: a loaded persona with examples (and preferences for DPO).
-        output_dir: receives ``adapter/`` (one peft adapter directory, whatever the method;
-            ``model/`` with ``finetuning="full"``) and ``run.json``.
+        output_dir: receives ``adapter/`` (one peft adapter directory, whatever the method)
+            and ``run.json``.
         config: hyperparameters; TrainConfig() if None.
         on_step: called as on_step(step, total_steps, logs) after each optimizer step, for
             the SFT steps and then, counting from 1 again, the DPO steps.
@@ -377,9 +375,8 @@ def _peak_memory(device: str) -> tuple[float, str]:
 
 
 def _save(model, record: RunRecord, output_dir: Path, base_dir: Path | None = None) -> None:
-    """``adapter/`` (LoRA; the "default" adapter only) or, given the ``base_dir`` of a full
-    fine-tune, ``model/``: the weights with the base's tokenizer files, as ``merge_adapter``
-    writes a merged model."""
+    """``adapter/`` (LoRA) or, given the ``base_dir`` of a full fine-tune, ``model/``: the weights
+    with the base's tokenizer files, as ``merge_adapter`` writes a merged model."""
     if base_dir is None:
         with atomic_path(output_dir / "adapter", directory=True) as tmp:
             model.save_pretrained(tmp, selected_adapters=["default"])
