@@ -39,7 +39,8 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 #   persona changes: extra=True adds dataset-extra.jsonl; infer="train"|"short" replaces the
 #   inference prompt by the training one or by system_prompt_short.txt; train="full" trains with
 #   the inference prompt.
-#   reuse="<recipe>" trains nothing: that recipe's trained model, exported with this persona.
+#   reuse="<recipe>" trains nothing: that recipe's trained model, exported with this persona;
+#   repetition_penalty=x judges with that decoding instead of GenerationConfig's default (1.3).
 RECIPES: dict[str, tuple[str, dict, dict]] = {
     "baseline": (
         "today's default: short training prompt, full inference prompt (matched-short's weights)",
@@ -64,9 +65,14 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
         {"num_train_epochs": 1.0, "finetuning": "full", "learning_rate": 1e-4},
     ),
     "extra-1ep-dpo": (
-        "extra-1ep, then DPO on preferences.jsonl (58 pairs, 2 epochs, beta 0.1, lr 1e-4)",
+        "extra-1ep, then DPO on preferences.jsonl (58 pairs, 1 epoch, beta 0.1, lr 1e-4)",
         {"infer": "train", "extra": True},
-        {"num_train_epochs": 1.0, "method": "dpo"},
+        {"num_train_epochs": 1.0, "method": "dpo", "dpo_epochs": 1.0},
+    ),
+    "extra-rp1.1": (
+        "extra's weights, decoded with repetition_penalty 1.1 instead of 1.3",
+        {"infer": "train", "extra": True, "reuse": "extra", "repetition_penalty": 1.1},
+        {},
     ),
     "extra-3ep": ("extra, 3 epochs", {"infer": "train", "extra": True}, {"num_train_epochs": 3.0}),
     "extra-lr2e-4": ("extra, learning rate 2e-4", {"infer": "train", "extra": True}, {"learning_rate": 2e-4}),
@@ -131,6 +137,7 @@ def run_recipe(name: str, quant: str) -> dict:
     if "reuse" in persona_changes:
         return reuse_recipe(name, persona, quant)
     config = RunConfig(
+        generation=_generation(persona_changes),
         out=out / "run",
         train=replace(TrainConfig(), **train_changes),
         quant=quant,
@@ -148,6 +155,14 @@ def run_recipe(name: str, quant: str) -> dict:
     return row
 
 
+def _generation(changes: dict):
+    from molting.backends.base import GenerationConfig
+
+    if "repetition_penalty" in changes:
+        return GenerationConfig(repetition_penalty=changes["repetition_penalty"])
+    return GenerationConfig()
+
+
 def reuse_recipe(name: str, persona: Persona, quant: str) -> dict:
     """Export another recipe's trained model with this recipe's persona (its prompt) and judge the GGUF."""
     from molting import registry
@@ -161,7 +176,7 @@ def reuse_recipe(name: str, persona: Persona, quant: str) -> dict:
     out = HERE / "out" / name
     start = time.perf_counter()
     export = export_gguf(persona, source / "merged", out / f"{persona.slug}.{quant}.gguf", quant, LogUI(), verify=None)
-    config = RunConfig()
+    config = RunConfig(generation=_generation(changes))
     backend = LlamaCppBackend(export.path, n_ctx=config.n_ctx)
     try:
         result = evaluate(
