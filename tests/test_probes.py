@@ -212,3 +212,20 @@ def test_the_example_persona_has_thirty_probes_and_a_clean_dataset():
     }
     assert any(p.history for p in probes.probes) and any(p.language == "en" for p in probes.probes)
     assert not [f for f in lint_persona(persona) if f.check == "held-out"]
+
+
+def test_compare_shows_each_runs_probe_pass_rate(tmp_path):
+    from molting.eval.report import compare_runs
+    from molting.eval.rubric import QuestionResult, QuestionScore
+
+    persona = write_persona(tmp_path)
+    _, good = outcomes(persona, ["Eu sou o Cláudio.", "Eu sou o Cláudio.", "Ele é desenvolvedor.", "I am Cláudio."])
+    _, bad = outcomes(persona, ["Sou o João."])
+
+    def run(label, score, probes):
+        answer = QuestionScore("q", "Quem é você?", "x", score, [], {})
+        return RubricResult(label, "1.0", [QuestionResult("q", "Quem é você?", [answer])], probes=[probes])
+
+    text = compare_runs([run("run-1", 5.0, good), run("run-2", 5.0, bad)])
+    section = text.split("## Held-out probes (pass / asked)")[1]
+    assert "| kind | run-1 | run-2 |" in section and "| **all** | **4/4 (100%)** | **0/4 (0%)** |" in section

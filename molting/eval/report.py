@@ -10,7 +10,7 @@ it also knows how far a score moves by chance, and calls a change only beyond th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from molting.eval.rubric import QuestionResult, RubricResult
 
@@ -279,6 +279,11 @@ def compare_runs(results: list[RubricResult], settings: list[dict] | None = None
     if settings is not None:
         parts += ["## Changes\n", settings_table([r.label for r in results], settings), ""]
     parts += ["## Rubric per question\n", phase_table(results), ""]
+    if all(r.probes for r in results):
+        from molting.eval.probes import probes_table
+
+        probed = [replace(r.probes[0], label=r.label) for r in results]
+        parts += ["## Held-out probes (pass / asked)\n", probes_table(probed), ""]
     steps = [compare(before, after) for before, after in zip(results, results[1:], strict=False)]
     parts += ["## Verdict\n"]
     parts += [f"- {step.summary()}" + _named(step) for step in steps]
