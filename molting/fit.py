@@ -18,8 +18,7 @@ llama.cpp allocates, split between the GPU and the CPU by ``n_gpu_layers``:
   ``n_vocab x n_ubatch`` f32, the feed-forward activations; see :func:`compute_bytes`;
 - the host: the process itself (Python, llama-cpp-python, ggml: ``HOST_BASE_BYTES``), the
   tokenizer's tables (``TOKENIZER_BYTES`` per token and merge), the logits output buffer;
-  on a GPU, ``reserve`` for the CUDA context and allocator pools.
-
+  on a GPU, ``reserve`` for the CUDA context and allocator pools;
 - repacked weights: llama.cpp's CPU backend copies some weights into interleaved layouts
   for its matrix kernels (the ``CPU_REPACK`` buffer, e.g. Q4_K -> q4_K_8x8 on AVX2), a
   second, malloc'ed copy of the same bytes beside the memory-mapped file; see :func:`repacked`.
