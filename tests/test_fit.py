@@ -104,6 +104,8 @@ def test_types_match_llama_cpp_quantizer(tiny_llama_256_dir, tmp_path):
     for t in quantized.tensors:
         assert mine[t.name] == (t.ggml_type, t.nbytes), t.name
     assert {t.ggml_type for t in quantized.tensors} >= {"Q4_K", "Q6_K", "F32"}  # the mix is exercised
+    # The repacked copy from the file's own types is the one predicted from the configuration.
+    assert fit.repack_bytes(quantized, "Q4_K_M") == fit.repack_bytes(predicted, "Q4_K_M") > 0
 
 
 def test_compute_buffer_matches_llama_cpp_log():
