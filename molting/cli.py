@@ -614,13 +614,16 @@ def fit(
     ctx: Annotated[int, typer.Option(help="context window n_ctx, tokens")] = 2048,
     reserve: Annotated[str, typer.Option(help="VRAM for the CUDA context and pools")] = "512MiB",
     layers: Annotated[bool, typer.Option(help="also print every n_gpu_layers of the best plan")] = False,
+    repack: Annotated[
+        bool, typer.Option(help="count llama.cpp's CPU weight repacking in RAM; --no-repack as in molting bench")
+    ] = True,
 ) -> None:
     """Estimate llama.cpp's memory per quantization, KV cache type and offloaded layers; print the best plan."""
     from molting import fit as planner
 
     try:
         shape = planner.load_shape(model)
-        result = planner.plan(shape, planner.parse_size(vram), ctx, reserve=planner.parse_size(reserve))
+        result = planner.plan(shape, planner.parse_size(vram), ctx, reserve=planner.parse_size(reserve), repack=repack)
     except MoltingError as exc:
         _fail(exc)
     console.print(_fit_table(result))
@@ -628,7 +631,7 @@ def fit(
         console.print(line)
     if layers and result.best is not None:
         best = result.best
-        rows = planner.layer_table(shape, best.quant, best.kv_type, ctx, result.reserve)
+        rows = planner.layer_table(shape, best.quant, best.kv_type, ctx, result.reserve, repack)
         console.print(_layers_table(rows))
 
 

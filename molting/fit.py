@@ -18,11 +18,15 @@ llama.cpp allocates, split between the GPU and the CPU by ``n_gpu_layers``:
   ``n_vocab x n_ubatch`` f32, the feed-forward activations; see :func:`compute_bytes`;
 - the host: the process itself (Python, llama-cpp-python, ggml: ``HOST_BASE_BYTES``), the
   tokenizer's tables (``TOKENIZER_BYTES`` per token and merge), the logits output buffer;
-  on a GPU, ``reserve`` for the CUDA context and allocator pools.
+  on a GPU, ``reserve`` for the CUDA context and allocator pools;
+- repacked weights: llama.cpp's CPU backend copies some weights into interleaved layouts
+  for its matrix kernels (the ``CPU_REPACK`` buffer, e.g. Q4_K -> q4_K_8x8 on AVX2), a
+  second, malloc'ed copy of the same bytes beside the memory-mapped file; see :func:`repacked`.
 
 VRAM counts buffers as allocated. Resident CPU memory (``Estimate.ram``) counts what is
-touched: every weight of a memory-mapped file that the CPU computes with, the whole KV
-cache (llama.cpp clears it), and of the compute buffer only the graph of the longest
+touched: every weight of a memory-mapped file that the CPU computes with (a repacked
+tensor's file pages are read to repack it and stay mapped, so it counts twice), the whole
+KV cache (llama.cpp clears it), and of the compute buffer only the graph of the longest
 prompt actually evaluated (``n_prompt``), with logits for its last token.
 
 Layer placement is llama.cpp's: ``n_gpu_layers = k`` offloads the last ``k`` repeating
@@ -60,6 +64,12 @@ MARGIN = 0.05
 BASE_TYPE = {"F16": "F16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K", "Q4_0": "Q4_0"}
 # ggml type -> the type used when a row is not a multiple of its block (tensor_type_fallback).
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0"}
+# ggml types the CPU backend repacks on an x86-64 CPU with AVX2 (no AMX), for tensors whose
+# row count ne[1] is a multiple of REPACK_ROWS: ggml_repack_get_optimal_repack_type in
+# ggml/src/ggml-cpu/repack.cpp (llama-cpp-python 0.3.36). Q2_K is repacked with AVX-512 only;
+# ARM CPUs (NEON, i8mm) also repack Q5_K, Q6_K and Q8_0, which this table does not model.
+REPACK_TYPES = ("Q4_0", "Q4_K", "IQ4_NL", "MXFP4")
+REPACK_ROWS = 8
 _ARCHES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Phi3ForCausalLM": "phi3"}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
@@ -341,6 +351,37 @@ def tensor_bytes(tensor: Tensor, quant: str, shape: ModelShape) -> int:
     return round(tensor.n_elements * bytes_per_weight(tensor_type(tensor, quant, shape)))
 
 
+def repacked(tensor: Tensor, quant: str, shape: ModelShape) -> bool:
+    """Whether llama.cpp's CPU backend repacks ``tensor`` at ``quant`` on an AVX2 CPU.
+
+    A weight goes to the ``CPU_REPACK`` buffer when llama.cpp multiplies by it
+    (``GGML_OP_MUL_MAT``; ``token_embd`` is looked up with ``GET_ROWS`` and stays in the
+    mapped file) and its type is in ``REPACK_TYPES`` with ``ne[1]`` (``shape[1]``, the rows)
+    a multiple of ``REPACK_ROWS``. The copy has the tensor's own size (the repack buffer
+    type has no ``get_alloc_size``). Source: ``ggml_repack_get_optimal_repack_type`` in
+    ``ggml/src/ggml-cpu/repack.cpp``; checked against llama.cpp's "CPU_REPACK model buffer
+    size" log line (benchmarks/RESULTS.md).
+    """
+    if tensor.name == "token_embd.weight" or len(tensor.shape) != 2:
+        return False
+    own = tensor.ggml_type if tensor.ggml_type is not None and quant == shape.file_type else None
+    ggml_type = own or tensor_type(tensor, quant, shape)
+    return ggml_type in REPACK_TYPES and tensor.shape[1] % REPACK_ROWS == 0
+
+
+def repack_bytes(shape: ModelShape, quant: str, n_gpu_layers: int = 0) -> int:
+    """Bytes of llama.cpp's ``CPU_REPACK`` buffer: the repacked tensors left on the CPU (see :func:`repacked`).
+
+    Args:
+        shape: from :func:`load_shape`.
+        quant: a file type of ``BASE_TYPE`` (or the GGUF's own).
+        n_gpu_layers: as in :func:`estimate` (0 to ``n_layer + 1``, -1 = all); offloaded tensors are
+            not repacked.
+    """
+    on_gpu = _placement(shape, shape.n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers)
+    return sum(tensor_bytes(t, quant, shape) for t in shape.tensors if not on_gpu(t) and repacked(t, quant, shape))
+
+
 # --- the estimate -------------------------------------------------------------------------------
 
 
@@ -352,6 +393,7 @@ class Estimate:
         quant, kv_type, n_ctx, n_gpu_layers, flash_attn: the configuration (``n_gpu_layers``
             from 0 to ``n_layer + 1``; ``n_layer + 1`` includes the output layer).
         weights_gpu, weights_cpu: tensor bytes on each device.
+        weights_repack: the CPU's repacked copy of some of ``weights_cpu`` (0 with ``repack=False``).
         kv_gpu, kv_cpu: KV cache bytes on each device.
         compute_gpu: the GPU compute buffer as reserved.
         compute_cpu: the CPU compute buffer's resident part (see the module docstring) and the output buffer.
@@ -366,6 +408,7 @@ class Estimate:
     flash_attn: bool
     weights_gpu: int
     weights_cpu: int
+    weights_repack: int
     kv_gpu: int
     kv_cpu: int
     compute_gpu: int
@@ -385,7 +428,7 @@ class Estimate:
         With layers offloaded, loading reads their weights from the mapped file too: the
         peak RSS while loading can reach the file's size (not measured on a GPU yet).
         """
-        return self.host_base + self.weights_cpu + self.kv_cpu + self.compute_cpu
+        return self.host_base + self.weights_cpu + self.weights_repack + self.kv_cpu + self.compute_cpu
 
     @property
     def weights(self) -> int:
@@ -402,6 +445,7 @@ def estimate(
     n_ubatch: int = N_UBATCH,
     reserve: int = DEFAULT_RESERVE_BYTES,
     n_prompt: int | None = None,
+    repack: bool = True,
 ) -> Estimate:
     """Memory of ``shape`` at ``quant`` and ``n_ctx`` with ``n_gpu_layers`` offloaded.
 
@@ -416,6 +460,8 @@ def estimate(
         reserve: VRAM for the CUDA context and pools, bytes; counted when a layer is offloaded.
         n_prompt: the longest prompt evaluated at once, tokens (for resident CPU memory);
             default ``n_ctx``.
+        repack: llama.cpp's CPU weight repacking is on (its default; off is ``--no-repack``,
+            ``use_extra_bufts=False``): the repacked tensors count twice in ``ram``.
 
     Raises:
         ConfigError: a quantized V cache without flash attention, or an out-of-range value.
@@ -451,6 +497,7 @@ def estimate(
         flash_attn=flash_attn,
         weights_gpu=weights_gpu,
         weights_cpu=weights_cpu,
+        weights_repack=repack_bytes(shape, quant, ngl) if repack else 0,
         kv_gpu=kv_layer * n_kv_gpu,
         kv_cpu=kv_layer * (shape.n_layer - n_kv_gpu),
         compute_gpu=compute if ngl else 0,
@@ -534,6 +581,7 @@ class Plan:
             (``n_gpu_layers = 0`` when none does).
         best: the recommended option, or None when the model does not even fit with 0 layers
             offloaded (the CPU holds it then; the budget only bounds VRAM).
+        repack: llama.cpp's CPU weight repacking counted in ``ram`` (see :func:`estimate`).
     """
 
     shape: ModelShape
@@ -542,10 +590,11 @@ class Plan:
     reserve: int
     options: tuple[Estimate, ...]
     best: Estimate | None
+    repack: bool = True
 
     def full(self, quant: str, kv_type: str) -> Estimate:
         """The estimate of ``quant``/``kv_type`` with every layer and the output on the GPU."""
-        return estimate(self.shape, quant, self.n_ctx, -1, kv_type, reserve=self.reserve)
+        return estimate(self.shape, quant, self.n_ctx, -1, kv_type, reserve=self.reserve, repack=self.repack)
 
 
 def plan(
@@ -555,6 +604,7 @@ def plan(
     quants: tuple[str, ...] = QUANTS,
     kv_types: tuple[str, ...] = KV_TYPES,
     reserve: int = DEFAULT_RESERVE_BYTES,
+    repack: bool = True,
 ) -> Plan:
     """Every quantization x KV type at its most offloaded fitting layout, and the best of them.
 
@@ -571,15 +621,16 @@ def plan(
         n_ctx: context window, tokens.
         quants, kv_types: the candidates.
         reserve: VRAM for the CUDA context and pools, bytes.
+        repack: llama.cpp's CPU weight repacking is on (``ram`` only; VRAM is the same either way).
     """
     usable = round(vram * (1 - MARGIN))
-    options = tuple(max_layers(shape, q, kv, n_ctx, usable, reserve) for q in quants for kv in kv_types)
+    options = tuple(max_layers(shape, q, kv, n_ctx, usable, reserve, repack) for q in quants for kv in kv_types)
     ranked = sorted(
         (o for o in options if o.vram <= usable),
         key=lambda o: (-o.n_gpu_layers, kv_types.index(o.kv_type), quants.index(o.quant)),
     )
     best = ranked[0] if ranked else None
-    return Plan(shape=shape, vram=vram, n_ctx=n_ctx, reserve=reserve, options=options, best=best)
+    return Plan(shape=shape, vram=vram, n_ctx=n_ctx, reserve=reserve, options=options, best=best, repack=repack)
 
 
 def describe(result: Plan) -> list[str]:
@@ -614,16 +665,25 @@ def describe(result: Plan) -> list[str]:
     return lines
 
 
-def max_layers(shape: ModelShape, quant: str, kv_type: str, n_ctx: int, vram: int, reserve: int) -> Estimate:
+def max_layers(
+    shape: ModelShape, quant: str, kv_type: str, n_ctx: int, vram: int, reserve: int, repack: bool = True
+) -> Estimate:
     """The estimate with the largest ``n_gpu_layers`` whose VRAM fits ``vram`` (0 layers when none)."""
-    layouts = layer_table(shape, quant, kv_type, n_ctx, reserve)
+    layouts = layer_table(shape, quant, kv_type, n_ctx, reserve, repack)
     fitting = [e for e in layouts if e.vram <= vram]
     return fitting[-1] if fitting else layouts[0]
 
 
-def layer_table(shape: ModelShape, quant: str, kv_type: str, n_ctx: int, reserve: int = DEFAULT_RESERVE_BYTES):
+def layer_table(
+    shape: ModelShape,
+    quant: str,
+    kv_type: str,
+    n_ctx: int,
+    reserve: int = DEFAULT_RESERVE_BYTES,
+    repack: bool = True,
+) -> list[Estimate]:
     """Estimates for ``n_gpu_layers`` = 0, 1, ..., ``n_layer + 1`` (the last: the output layer too)."""
-    return [estimate(shape, quant, n_ctx, k, kv_type, reserve=reserve) for k in range(shape.n_layer + 2)]
+    return [estimate(shape, quant, n_ctx, k, kv_type, reserve=reserve, repack=repack) for k in range(shape.n_layer + 2)]
 
 
 def parse_size(text: str) -> int:

@@ -104,6 +104,8 @@ def test_types_match_llama_cpp_quantizer(tiny_llama_256_dir, tmp_path):
     for t in quantized.tensors:
         assert mine[t.name] == (t.ggml_type, t.nbytes), t.name
     assert {t.ggml_type for t in quantized.tensors} >= {"Q4_K", "Q6_K", "F32"}  # the mix is exercised
+    # The repacked copy from the file's own types is the one predicted from the configuration.
+    assert fit.repack_bytes(quantized, "Q4_K_M") == fit.repack_bytes(predicted, "Q4_K_M") > 0
 
 
 def test_compute_buffer_matches_llama_cpp_log():
@@ -119,6 +121,45 @@ def test_compute_buffer_matches_llama_cpp_log():
     assert fit.compute_bytes(tinyllama, 2048, flash_attn=True) == 4 * (32000 * 512 + 3 * 2048 * 512)
     # Resident on the CPU: a 512-token prompt's graph, its cells padded to 256, logits for one token.
     assert fit.resident_compute_bytes(tinyllama, 300) == 4 * (32 * 512 * 300 + 512 * 300 + 3 * 2048 * 300)
+
+
+def test_repacked_tensors_by_hand():
+    """Q4_K matrices with rows (ne[1]) a multiple of 8 are copied into CPU_REPACK; nothing else is."""
+    shape = fit.shape_from_config(SMALL, "small")  # 2 layers; Q4_K_M gives blk.1 attn_v/ffn_down Q6_K
+    by_name = {t.name: t for t in shape.tensors}
+    assert fit.repacked(by_name["blk.0.attn_k.weight"], "Q4_K_M", shape)  # Q4_K, 128 rows
+    assert not fit.repacked(by_name["blk.1.attn_v.weight"], "Q4_K_M", shape)  # Q6_K: no AVX2 repack
+    assert not fit.repacked(by_name["output.weight"], "Q4_K_M", shape)  # Q6_K
+    assert not fit.repacked(by_name["token_embd.weight"], "Q4_K_M", shape)  # Q4_K, but GET_ROWS
+    assert not fit.repacked(by_name["blk.0.attn_norm.weight"], "Q4_K_M", shape)  # F32, 1-D
+    layer0 = 256 * 256 * 2 + 256 * 128 * 2 + 256 * 512 * 3  # q, o; k, v; gate, up, down: all Q4_K
+    layer1 = layer0 - 256 * 128 - 512 * 256  # attn_v and ffn_down are Q6_K
+    assert fit.repack_bytes(shape, "Q4_K_M") == (layer0 + layer1) * 144 // 256  # Q4_K: 144 bytes per 256
+    assert fit.repack_bytes(shape, "Q4_K_M", n_gpu_layers=1) == layer0 * 144 // 256  # blk.1 on the GPU
+    assert fit.repack_bytes(shape, "Q4_K_M", n_gpu_layers=-1) == 0
+    assert fit.repack_bytes(shape, "Q8_0") == fit.repack_bytes(shape, "F16") == 0
+    assert fit.repack_bytes(shape, "Q4_0") == (layer0 + layer0) * 18 // 32  # Q4_0 everywhere but the output
+    # Rows not a multiple of 8: gate/up stay Q4_K (columns of 256) but are not repacked.
+    odd = fit.shape_from_config({**SMALL, "intermediate_size": 516}, "odd")
+    gate = next(t for t in odd.tensors if t.name == "blk.0.ffn_gate.weight")
+    assert fit.tensor_type(gate, "Q4_K_M", odd) == "Q4_K" and not fit.repacked(gate, "Q4_K_M", odd)
+    # The estimate counts the copy on top of the mapped file, only when repacking is on.
+    on, off = (fit.estimate(shape, "Q4_K_M", 512, repack=r) for r in (True, False))
+    assert on.weights_cpu == off.weights_cpu and off.weights_repack == 0
+    assert on.ram - off.ram == on.weights_repack == fit.repack_bytes(shape, "Q4_K_M")
+    assert on.vram == off.vram
+
+
+def test_repack_buffer_matches_llama_cpp_log():
+    # llama-cpp-python 0.3.36 (AVX2 build) logged "CPU_REPACK model buffer size" 7.59 MiB for
+    # SmolLM2-135M Q4_K_M (only the 16 Q4_K ffn_down; rows of 576 make the rest Q5_0) and
+    # 455.06 MiB for the random TinyLlama-1.1B Q4_K_M (every Q4_K matrix but token_embd).
+    assert round(fit.repack_bytes(fit.load_shape("smollm2-135m"), "Q4_K_M") / MIB, 2) == 7.59
+    tinyllama = fit.load_shape("tinyllama-1.1b")  # 10 of 22 layers have Q6_K attn_v and ffn_down
+    layer = 2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632
+    more_bits = layer - 2048 * 256 - 5632 * 2048
+    assert fit.repack_bytes(tinyllama, "Q4_K_M") == (12 * layer + 10 * more_bits) * 144 // 256
+    assert round(fit.repack_bytes(tinyllama, "Q4_K_M") / MIB, 2) == 455.06
 
 
 def test_layers_split_between_devices():
@@ -168,5 +209,10 @@ def test_fit_command_prints_the_plan():
     assert result.exit_code == 0, result.output
     assert "best plan: Q4_K_M, n_gpu_layers=-1" in result.output and "KV cache q8_0" in result.output
     assert "with an f16 KV cache (1536 MiB instead of 816 MiB)" in result.output
+    for repack in (True, False):
+        options = [] if repack else ["--no-repack"]
+        out = CliRunner().invoke(app, ["fit", "tinyllama-1.1b", "--vram", "1GiB", *options], env={"COLUMNS": "200"})
+        ram = fit.plan(fit.load_shape("tinyllama-1.1b"), GIB, 2048, repack=repack).best.ram
+        assert out.exit_code == 0 and f"RAM {ram / MIB:.0f} MiB" in out.output, out.output
     bad = CliRunner().invoke(app, ["fit", "phi-3-mini", "--vram", "4"])
     assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output

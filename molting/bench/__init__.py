@@ -224,8 +224,10 @@ def _rss_estimate(case: Case) -> float | None:
 
     if case.engine == "transformers" or case.job.n_gpu_layers != 0:
         return None
-    shape = shape_from_gguf(Path(case.job.model))
-    return estimate(shape, shape.file_type, case.job.n_ctx, n_gpu_layers=0, n_prompt=case.job.n_prompt).ram / MIB
+    job = case.job
+    shape = shape_from_gguf(Path(job.model))
+    ram = estimate(shape, shape.file_type, job.n_ctx, n_gpu_layers=0, n_prompt=job.n_prompt, repack=job.repack).ram
+    return ram / MIB
 
 
 def _settings(config: BenchConfig) -> dict:
