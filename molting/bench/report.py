@@ -36,7 +36,7 @@ def table(report: Report) -> str:
         cells = [case.model, case.engine, case.weights]
         cells += [_figure(case, metric, fmt, best) for _, metric, fmt, best in columns]
         ratio = report.raw_ratio(case)
-        cells += [_fmt("{:.2f}×", ratio), _estimate(case)]
+        cells += [_fmt("{:.3f}×", ratio), _estimate(case)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
