@@ -32,13 +32,20 @@ HERE = Path(__file__).resolve().parent
 PERSONA = HERE.parent / "examples" / "claudio"
 ROWS = HERE / "recipes.jsonl"
 TABLE = HERE / "RECIPES.md"
-SHORT_PROMPT = (PERSONA / "system_prompt_short.txt").read_text(encoding="utf-8").strip()
+# The inference prompt of examples/claudio before this search (the README's "full" prompt, 328
+# tokens with SmolLM2's template) and a 60-token one written for it.
+FULL_PROMPT = (HERE / "prompts" / "full.txt").read_text(encoding="utf-8").strip()
+TINY_PROMPT = (HERE / "prompts" / "tiny.txt").read_text(encoding="utf-8").strip()
+# dataset.jsonl's first 157 examples are the dataset before this search; the 109 after them
+# (English turns, multi-turn, refusals, varied identity answers) were written for it.
+V1_EXAMPLES = 157
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # name -> (what it changes, persona changes, TrainConfig changes)
-#   persona changes: extra=True adds dataset-extra.jsonl; infer="train"|"short" replaces the
-#   inference prompt by the training one or by system_prompt_short.txt; train="full" trains with
-#   the inference prompt.
+#   persona changes, each against the persona before this search (full inference prompt, short
+#   training prompt, the first 157 examples): extra=True trains on all of dataset.jsonl;
+#   infer="train"|"short" infers with the training prompt or prompts/tiny.txt; train="full"|"short"
+#   trains with the full prompt or prompts/tiny.txt.
 #   reuse="<recipe>" trains nothing: that recipe's trained model, exported with this persona;
 #   repetition_penalty=x judges with that decoding instead of GenerationConfig's default (1.3).
 RECIPES: dict[str, tuple[str, dict, dict]] = {
@@ -95,21 +102,21 @@ def make_persona(name: str, changes: dict, out: Path) -> Persona:
     """Write the recipe's persona directory under ``out`` and load it (the lint and the registry read files)."""
     target = out / "persona"
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(PERSONA, target, ignore=shutil.ignore_patterns("dataset-extra.jsonl", "labelled.jsonl"))
+    shutil.copytree(PERSONA, target, ignore=shutil.ignore_patterns("labelled.jsonl"))
     spec = yaml.safe_load((PERSONA / "persona.yaml").read_text(encoding="utf-8"))
+    spec["system_prompt"] = FULL_PROMPT
     if changes.get("train") == "full":
-        spec["train_system_prompt"] = spec["system_prompt"]
+        spec["train_system_prompt"] = FULL_PROMPT
     if changes.get("train") == "short":
-        spec["train_system_prompt"] = SHORT_PROMPT
+        spec["train_system_prompt"] = TINY_PROMPT
     if changes.get("infer") == "train":
         spec["system_prompt"] = spec["train_system_prompt"]
     if changes.get("infer") == "short":
-        spec["system_prompt"] = SHORT_PROMPT
+        spec["system_prompt"] = TINY_PROMPT
     (target / "persona.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    if changes.get("extra"):
-        dataset = (PERSONA / "dataset.jsonl").read_text(encoding="utf-8").rstrip("\n") + "\n"
-        dataset += (PERSONA / "dataset-extra.jsonl").read_text(encoding="utf-8")
-        (target / "dataset.jsonl").write_text(dataset, encoding="utf-8")
+    lines = (PERSONA / "dataset.jsonl").read_text(encoding="utf-8").splitlines()
+    kept = lines if changes.get("extra") else lines[:V1_EXAMPLES]
+    (target / "dataset.jsonl").write_text("\n".join(kept) + "\n", encoding="utf-8")
     return Persona.load(target)
 
 
