@@ -47,7 +47,7 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 #   infer="train"|"short" infers with the training prompt or prompts/tiny.txt; train="full"|"short"
 #   trains with the full prompt or prompts/tiny.txt.
 #   reuse="<recipe>" trains nothing: that recipe's trained model, exported with this persona;
-#   repetition_penalty=x judges with that decoding instead of GenerationConfig's default (1.3).
+#   repetition_penalty=x judges with that decoding instead of 1.3, the default while the search ran.
 RECIPES: dict[str, tuple[str, dict, dict]] = {
     "baseline": (
         "today's default: short training prompt, full inference prompt (matched-short's weights)",
@@ -165,9 +165,8 @@ def run_recipe(name: str, quant: str) -> dict:
 def _generation(changes: dict):
     from molting.backends.base import GenerationConfig
 
-    if "repetition_penalty" in changes:
-        return GenerationConfig(repetition_penalty=changes["repetition_penalty"])
-    return GenerationConfig()
+    # The search ran at 1.3, the default until its extra-rp1.1 row made 1.1 the default.
+    return GenerationConfig(repetition_penalty=changes.get("repetition_penalty", 1.3))
 
 
 def reuse_recipe(name: str, persona: Persona, quant: str) -> dict:

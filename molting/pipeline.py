@@ -49,7 +49,7 @@ class RunConfig:
         out: the run directory (default ``runs/<persona slug>``).
         train: the LoRA recipe.
         generation: decoding for every rubric pass; identical for base, fine-tuned and GGUF
-            so that the comparison is fair (the research log: greedy, repetition_penalty 1.3,
+            so that the comparison is fair (greedy, repetition_penalty 1.1 [the research log: 1.3],
             200 new tokens).
         sampling: answers per question (default greedy + 2 seeded samples at temperature 0.7),
             so that the report gives mean ± spread and the comparisons know their noise.
@@ -172,7 +172,8 @@ def _train(persona, config: RunConfig, out: Path, ui):
     from molting.train import train
 
     then = f", then DPO on {len(persona.preferences)} preference pairs" if config.train.method == "dpo" else ""
-    ui.step(f"Training LoRA on {len(persona.examples)} examples{then}")
+    what = "every weight" if config.train.finetuning == "full" else "LoRA"
+    ui.step(f"Training {what} on {len(persona.examples)} examples{then}")
     with ui.bar("training", None) as advance:
         record = train(persona, out, config.train, on_step=lambda step, total, logs: advance(step, total))
     (out / "budget.json").write_text(json.dumps(record.budget, indent=2))

@@ -66,7 +66,7 @@ def test_chat_goes_through_the_given_backend(tmp_path):
 
 
 def test_chat_decodes_as_the_rubric_does_unless_told_otherwise(tmp_path):
-    """persona.chat answers as `molting run` evaluated: greedy, repetition_penalty 1.3."""
+    """persona.chat answers as `molting run` evaluated: greedy, repetition_penalty 1.1."""
     from molting.pipeline import RunConfig
     from tests.fakes import FakeBackend
 
@@ -75,5 +75,5 @@ def test_chat_decodes_as_the_rubric_does_unless_told_otherwise(tmp_path):
     persona.chat("Quem é você?", model=backend)
     persona.chat("Quem é você?", model=backend, repetition_penalty=1.0, max_new_tokens=7)
     assert backend.configs[0] == RunConfig().generation
-    assert (backend.configs[0].temperature, backend.configs[0].repetition_penalty) == (0.0, 1.3)
+    assert (backend.configs[0].temperature, backend.configs[0].repetition_penalty) == (0.0, 1.1)
     assert (backend.configs[1].repetition_penalty, backend.configs[1].max_new_tokens) == (1.0, 7)

@@ -286,7 +286,7 @@ def run_probes(
         persona: the persona (system prompt, language, identities, rubric for the judge).
         probes: ``load_probes(persona)``.
         config: decoding; default ``GenerationConfig()`` (greedy, 200 new tokens, repetition
-            penalty 1.3), as the rubric.
+            penalty 1.1), as the rubric.
         label: the model's name in reports.
         system_prompt: send the persona's system prompt (True), or none and let the model's
             chat template supply its default (False: a molting GGUF carries the persona's).

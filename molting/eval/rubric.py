@@ -623,7 +623,7 @@ def evaluate(
         persona: supplies the system prompt, the language and the forbidden identities.
         rubric: the questions (``load_rubric``).
         config: decoding of the first answer; default ``GenerationConfig()`` (greedy, 200 new
-            tokens, repetition_penalty 1.3). The samples take everything else from it.
+            tokens, repetition_penalty 1.1). The samples take everything else from it.
         label: the name of this model in reports.
         sampling: answers per question; default one greedy answer (``Sampling(n=1)``).
         progress: called with the 0-based index of each question once all its answers are scored.

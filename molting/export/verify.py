@@ -66,7 +66,7 @@ class VerifyConfig:
             log-probabilities are kept in memory: ``max_positions x vocab_size x 4`` bytes
             (1024 x 49152 x 4 = 201 MB for SmolLM2).
         generation: decoding of the stop-and-leak replies (the persona's: greedy,
-            repetition_penalty 1.3, 200 new tokens).
+            repetition_penalty 1.1, 200 new tokens).
         f16_min_top1, f16_max_kl: the F16/F32 gate; below it the export fails.
         auto_max_kl: ``--quant auto``'s threshold on mean KL, nats.
         n_threads: llama.cpp threads; None lets llama-cpp-python choose.
