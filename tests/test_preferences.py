@@ -157,21 +157,9 @@ BETA = 0.5
 
 
 def tiny_persona(root, preferences=True):
-    from molting.persona import Persona
+    from tests.test_train import tiny_persona as sft_persona
 
-    persona = Persona(
-        name="Cláudio",
-        language="pt",
-        identity=["Sou o Cláudio."],
-        traits=["curioso"],
-        train_system_prompt="Você é o Cláudio.",
-        system_prompt="Você é o Cláudio, IA da Softtor.",
-        root=root,
-    )
-    persona.examples = [
-        [{"role": "user", "content": f"Pergunta {i}?"}, {"role": "assistant", "content": "Sou o Cláudio, da Softtor."}]
-        for i in range(4)
-    ]
+    persona = sft_persona(root, n=4)
     if preferences:
         path = write(root, [json.dumps(p, ensure_ascii=False) for p in PAIRS])
         persona.preferences = load_preferences(path)

@@ -37,7 +37,7 @@ import yaml
 
 from molting.errors import PersonaError
 from molting.eval import checks
-from molting.eval.rubric import LOOP_THRESHOLD, Judge, load_rubric
+from molting.eval.rubric import LOOP_THRESHOLD, Judge, load_rubric, phrase_groups
 
 if TYPE_CHECKING:
     from molting.backends.base import Backend, GenerationConfig, Message
@@ -180,7 +180,7 @@ def _parse_probe(item: object, where: str) -> Probe:
         if not isinstance(item.get(key), str) or not item[key].strip():
             raise PersonaError(f"{where}: '{key}' must be a non-empty string")
     where = f"{where} ({item['id']})"
-    expect = _groups(item.get("expect") or [], f"{where}.expect")
+    expect = phrase_groups(item.get("expect") or [], f"{where}.expect")
     forbid = item.get("forbid") or []
     if not isinstance(forbid, list) or not all(isinstance(p, str) and p.strip() for p in forbid):
         raise PersonaError(f"{where}.forbid: expected a list of non-empty strings")
@@ -190,18 +190,6 @@ def _parse_probe(item: object, where: str) -> Probe:
     if language is not None and language not in ("pt", "en", "es"):
         raise PersonaError(f"{where}.language: {language!r} not in ('pt', 'en', 'es')")
     return Probe(item["id"], item["kind"], item["prompt"].strip(), expect, list(forbid), list(history), language)
-
-
-def _groups(value: object, where: str) -> list[list[str]]:
-    if not isinstance(value, list):
-        raise PersonaError(f"{where}: expected a list of phrase groups")
-    groups = []
-    for j, group in enumerate(value):
-        group = [group] if isinstance(group, str) else group
-        if not isinstance(group, list) or not group or not all(isinstance(p, str) and p.strip() for p in group):
-            raise PersonaError(f"{where}[{j}]: expected a non-empty list of non-empty strings")
-        groups.append(group)
-    return groups
 
 
 def _check_history(history: object, where: str) -> None:

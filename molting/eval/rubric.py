@@ -374,7 +374,7 @@ def _parse_rubric(data: object, path: Path) -> Rubric:
     known = data.get("known_entities", [])
     if not isinstance(known, list) or not all(isinstance(k, str) for k in known):
         raise PersonaError(f"{path}: 'known_entities' must be a list of strings")
-    wrong = _phrase_groups(data.get("wrong") or [], f"{path}: wrong")
+    wrong = phrase_groups(data.get("wrong") or [], f"{path}: wrong")
     return Rubric(str(data.get("version", "unversioned")), questions, known, wrong)
 
 
@@ -391,11 +391,16 @@ def _parse_question(item: object, where: str) -> Question:
             raise PersonaError(f"{where}.{key}: missing or not a non-empty string")
     if item.get("language") not in (None, *LANGUAGES):
         raise PersonaError(f"{where}.language: {item['language']!r} not in {LANGUAGES}")
-    groups = {key: _phrase_groups(item.get(key) or [], f"{where}.{key}") for key in ("facts", "wrong")}
+    groups = {key: phrase_groups(item.get(key) or [], f"{where}.{key}") for key in ("facts", "wrong")}
     return Question(str(item["id"]), item["prompt"], groups["facts"], groups["wrong"], item.get("language"))
 
 
-def _phrase_groups(value: object, where: str) -> list[list[str]]:
+def phrase_groups(value: object, where: str) -> list[list[str]]:
+    """A YAML list of phrase groups (each a list of alternatives, or one string) as lists.
+
+    Raises:
+        PersonaError: not a list, or a group that is empty or holds a non-string, naming ``where``.
+    """
     if not isinstance(value, list):
         raise PersonaError(f"{where}: expected a list of phrase lists")
     groups = []
