@@ -232,23 +232,13 @@ class _Evaluation:
         return result
 
     def _probe(self, backend, label: str, system_prompt: bool):
-        from molting.eval.probes import run_probes
+        from molting.eval.targets import ask_probes
 
         generation = self.config.generation
         generation = replace(
             generation, max_new_tokens=min(generation.max_new_tokens, self.config.probe_max_new_tokens)
         )
-        title = f"probes: {label}" + ("" if system_prompt else " (no system prompt)")
-        with self.ui.bar(title, len(self.probes.probes)) as advance:
-            return run_probes(
-                backend,
-                self.persona,
-                self.probes,
-                generation,
-                label=label,
-                system_prompt=system_prompt,
-                progress=lambda i: advance(i + 1),
-            )
+        return ask_probes(backend, self.persona, self.probes, generation, label, system_prompt, self.ui)
 
 
 def _export(persona: Persona, merged: Path, out: Path, config: RunConfig, ui) -> ExportResult:

@@ -104,14 +104,16 @@ def evaluate_targets(
                 )
             if probes is not None:
                 modes = (True, False) if backend.name == "llama.cpp" else (True,)
-                result.probes = [_probe(backend, persona, probes, probe_config or config, label, m, ui) for m in modes]
+                decoding = probe_config or config
+                result.probes = [ask_probes(backend, persona, probes, decoding, label, m, ui) for m in modes]
         finally:
             backend.close()
         results.append(result)
     return results
 
 
-def _probe(backend, persona, probes: ProbeSet, config, label: str, system_prompt: bool, ui) -> ProbeResult:
+def ask_probes(backend, persona, probes: ProbeSet, config, label: str, system_prompt: bool, ui) -> ProbeResult:
+    """``run_probes`` behind a progress bar titled by the model (and "no system prompt" when so)."""
     from molting.eval.probes import run_probes
 
     title = f"probes: {label}" + ("" if system_prompt else " (no system prompt)")
