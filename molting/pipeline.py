@@ -211,7 +211,7 @@ class _Evaluation:
         ui.step(f"Rubric v{self.rubric.version} on {label}")
         backend = make_backend()
         try:
-            with ui.bar(f"rubric: {label}", len(self.rubric.questions)) as advance:
+            with ui.bar(f"rubric: {label}", len(self.rubric.questions) * config.sampling.n) as advance:
                 result = self.evaluate(
                     backend,
                     self.persona,
@@ -219,7 +219,7 @@ class _Evaluation:
                     config.generation,
                     label=label,
                     sampling=config.sampling,
-                    progress=lambda i: advance(i + 1),
+                    progress=advance,
                 )
             if self.probes is not None:
                 result.probes = [self._probe(backend, label, mode) for mode in ((True, False) if bare else (True,))]

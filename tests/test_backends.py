@@ -106,3 +106,45 @@ def test_load_backend_dispatch(tiny_llama_dir, tmp_path):
         load_backend(tmp_path)
     with pytest.raises(ModelFileError, match="missing.gguf: file not found"):
         load_backend(tmp_path / "missing.gguf")
+
+
+def test_batched_answers_equal_one_by_one(hf, tiny_llama_dir, tiny_gguf):
+    """Left-padded batches decode the same greedy tokens as single prompts, on both engines' paths."""
+    conversations = [
+        MESSAGES,
+        [{"role": "user", "content": "Oi"}],
+        [*MESSAGES, {"role": "assistant", "content": "Sou o Cláudio."}, {"role": "user", "content": "E o João?"}],
+    ]
+    config = GenerationConfig(max_new_tokens=10, repetition_penalty=1.3)
+    one_by_one = [hf.generate(m, config) for m in conversations]
+    done: list[int] = []
+    pairs = TransformersBackend(tiny_llama_dir, batch_size=2)
+    batched = pairs.generate_batch(conversations, config, progress=done.append)
+    assert [r.text for r in batched] == [r.text for r in one_by_one]
+    assert [r.finish_reason for r in batched] == [r.finish_reason for r in one_by_one]
+    assert [r.prompt_tokens for r in batched] == [r.prompt_tokens for r in one_by_one]
+    assert done == [2, 3]  # one call per batch of 2
+    cpp = load_backend(tiny_gguf, n_ctx=256)
+    try:
+        assert [r.text for r in cpp.generate_batch(conversations, config)] == [r.text for r in one_by_one]
+    finally:
+        cpp.close()
+
+
+def test_batched_stop_strings_cut_each_row(hf):
+    """A stop string found in a row's text ends that row with finish_reason "stop"."""
+    config = GenerationConfig(max_new_tokens=12)
+    texts = [r.text for r in hf.generate_batch([MESSAGES, MESSAGES[1:]], config)]
+    stop = next((t[2:4] for t in texts if len(t) > 4), None)
+    assert stop, f"answers too short to cut: {texts}"
+    cut = hf.generate_batch([MESSAGES, MESSAGES[1:]], GenerationConfig(max_new_tokens=12, stop=(stop,)))
+    for full, short in zip(texts, cut, strict=True):
+        if stop in full:
+            assert short.text == full[: full.index(stop)].strip() and short.finish_reason == "stop"
+        else:
+            assert short.text == full
+
+
+def test_batch_size_is_checked(tiny_llama_dir):
+    with pytest.raises(ConfigError, match="batch_size"):
+        TransformersBackend(tiny_llama_dir, batch_size=0)

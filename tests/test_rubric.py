@@ -155,7 +155,7 @@ def test_evaluate_uses_the_inference_system_prompt_and_round_trips(claudio, rubr
     backend = FakeBackend(PHASE_7)
     seen = []
     result = evaluate(backend, claudio, rubric, label="x", progress=seen.append)
-    assert seen == list(range(8))
+    assert seen == list(range(1, 9))
     assert backend.calls[0] == [
         {"role": "system", "content": claudio.system_prompt},
         {"role": "user", "content": "Quem é o João?"},

@@ -161,9 +161,10 @@ def test_compare_over_three_registered_runs_prints_the_phase_table_and_a_verdict
     from molting.cli import app
 
     rubric = load_rubric(claudio)
-    good = [a for q in _PHASE_7 for a in (q, q, q)]
-    mixed = [a for q7, q8 in zip(_PHASE_7, _PHASE_8, strict=True) for a in (q7, q8, q7)]
-    bad = [a for q in _PHASE_8 for a in (q, q, q)]
+    # evaluate asks every question once per decoding: greedy answers first, then each sample.
+    good = list(_PHASE_7) * 3
+    mixed = [*_PHASE_7, *_PHASE_8, *_PHASE_7]
+    bad = list(_PHASE_8) * 3
     entries = [register(tmp_path, claudio, rubric, answers, r) for answers, r in ((good, 8), (mixed, 16), (bad, 32))]
     out = tmp_path / "compare.md"
     args = ["compare", *(e.id for e in entries), "--runs", str(tmp_path), "--out", str(out)]
@@ -202,9 +203,9 @@ def test_phase_table_trend_is_equal_within_noise_and_signed_beyond(claudio, joao
 
 def test_retention_over_several_targets_flags_the_questions_that_changed(claudio):
     rubric = load_rubric(claudio)
-    answers = [a for q in _PHASE_7 for a in (q, q, q)]
+    answers = list(_PHASE_7) * 3  # greedy answers, then each sample's
     q4 = list(answers)
-    q4[3 * 4 : 3 * 5] = ["Meu nome é João. Sou o João."] * 3  # "Me fala sobre você" collapses in Q4_K_M
+    q4[4::8] = ["Meu nome é João. Sou o João."] * 3  # "Me fala sobre você" (question 5 of 8) collapses in Q4_K_M
     scripted = {"fine-tuned": answers, "GGUF F16": answers, "GGUF Q8_0": answers, "GGUF Q4_K_M": q4}
     openers = {label: (lambda a=a: FakeBackend(a)) for label, a in scripted.items()}
     results = evaluate_targets(claudio, rubric, openers, GenerationConfig(), Sampling(n=3), _SilentUI())
@@ -252,7 +253,7 @@ def test_cli_eval_over_several_targets_prints_retention_and_registers(tmp_path, 
 
     def fake_load_backend(model, **options):
         opened.append(model)
-        return FakeBackend([a for q in scripted[model] for a in (q, q)])  # 2 answers per question
+        return FakeBackend(list(scripted[model]) * 2)  # 2 answers per question, asked question by question
 
     monkeypatch.setattr(molting.backends, "load_backend", fake_load_backend)
     args = ["eval", "examples/claudio", *(x for m in scripted for x in ("--model", m)), "--samples", "2"]

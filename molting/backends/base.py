@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -160,9 +160,9 @@ def stop_at(chunks: Iterator[Chunk], stop: Sequence[str]) -> Iterator[Chunk]:
     try:
         for chunk in chunks:
             held += chunk.text
-            found = [i for i in (held.find(s) for s in stop) if i >= 0]
+            before, found = cut_at_stop(held, stop)
             if found:
-                yield replace(chunk, text=held[: min(found)], finish_reason="stop")
+                yield replace(chunk, text=before, finish_reason="stop")
                 return
             keep = 0 if chunk.finish_reason else _partial_stop(held, stop)
             yield replace(chunk, text=held[: len(held) - keep])
@@ -170,6 +170,12 @@ def stop_at(chunks: Iterator[Chunk], stop: Sequence[str]) -> Iterator[Chunk]:
     finally:
         if hasattr(chunks, "close"):
             chunks.close()
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first stop string, and whether one was found (see GenerationConfig.stop)."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(found)], True) if found else (text, False)
 
 
 def _partial_stop(text: str, stop: Sequence[str]) -> int:
@@ -207,6 +213,8 @@ class Backend(abc.ABC):
     """
 
     name: str = "backend"
+    # Conversations answered in one engine call by generate_batch; 1: one after another.
+    batch_size: int = 1
 
     @abc.abstractmethod
     def stream(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[Chunk]:
@@ -240,6 +248,43 @@ class Backend(abc.ABC):
             ttft_s=ttft if ttft is not None else total,
             total_s=total,
         )
+
+    def generate_batch(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        config: GenerationConfig | None = None,
+        progress: Callable[[int], None] | None = None,
+        **options,
+    ) -> list[Response]:
+        """Answer many conversations, ``batch_size`` per engine call; ``options`` override ``config``.
+
+        An engine that decodes a batch at once (transformers) answers ``batch_size``
+        conversations per call; the others answer them one after another. A sampled batch
+        draws from one RNG seeded with ``config.seed``, so a row's sample depends on the
+        batch it was drawn in; greedy answers do not.
+
+        Args:
+            conversations: the message lists, each as for :meth:`generate`.
+            config: decoding, the same for every conversation.
+            progress: called with the number of conversations answered after each engine call.
+
+        Returns:
+            One Response per conversation, in order. In a batch, ``ttft_s`` is the time to the
+            batch's first token and ``total_s`` the whole batch's time.
+        """
+        config = replace(config or GenerationConfig(), **options)
+        for messages in conversations:
+            validate_messages(messages)
+        responses: list[Response] = []
+        for start in range(0, len(conversations), max(1, self.batch_size)):
+            responses += self._generate_batch(conversations[start : start + max(1, self.batch_size)], config)
+            if progress is not None:
+                progress(len(responses))
+        return responses
+
+    def _generate_batch(self, conversations: Sequence[Sequence[Message]], config: GenerationConfig) -> list[Response]:
+        """One engine call's answers; engines that batch override it."""
+        return [self.generate(messages, config) for messages in conversations]
 
     def chat(
         self,

@@ -8,6 +8,7 @@ import gc
 import queue
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from molting.backends.base import Backend, Chunk, GenerationConfig, Message, stop_at
+from molting.backends.base import Backend, Chunk, GenerationConfig, Message, Response, cut_at_stop, stop_at
 from molting.errors import ConfigError
 from molting.modelfiles import check_adapter_dir
 from molting.models import resolve_base_model
@@ -58,6 +59,10 @@ class TransformersBackend(Backend):
             transformers version); "transformers" is ``from_pretrained`` with a
             BitsAndBytesConfig, for architectures whose checkpoints need transformers'
             own weight conversions, and for comparing the two.
+        batch_size: conversations decoded together by :meth:`generate_batch` (left-padded).
+            Default 16 on CPU, where a batch spreads the per-token cost of a small model
+            (SmolLM2-135M fp32 on 2 cores: 0.62 s per 64-token answer at 16 against 2.9 s one by
+            one); 1 on CUDA, where the batch's KV cache may not fit beside the weights on 4 GB.
 
     Where it differs from llama.cpp: the chat template is the tokenizer's
     (``tokenizer_config.json``), not the GGUF's; memory grows while generating (the KV
@@ -81,12 +86,16 @@ class TransformersBackend(Backend):
         merge: bool = False,
         device: str | None = None,
         loader: Loader = "molting",
+        batch_size: int | None = None,
     ):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype {dtype!r} not in {DTYPES}")
         if loader not in LOADERS:
             raise ConfigError(f"loader {loader!r} not in {LOADERS}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size or (1 if self.device.startswith("cuda") else 16)
         if merge and dtype == "4bit":
             raise ConfigError("merge=True into a 4-bit base loses the adapter's precision; use fp32/bf16")
         model_dir = resolve_base_model(model)
@@ -155,6 +164,45 @@ class TransformersBackend(Backend):
         # The rest: bytes that never completed a character stay U+FFFD.
         yield Chunk(self._decode(ids)[len(sent) :], prompt_tokens, len(ids), finish_reason=reason)
 
+    def _generate_batch(self, conversations: Sequence[Sequence[Message]], config: GenerationConfig) -> list[Response]:
+        """Decode ``conversations`` in one ``generate`` call, prompts left-padded to one width."""
+        if self.model is None:
+            raise ConfigError("this TransformersBackend is closed")
+        if len(conversations) == 1:
+            return [self.generate(conversations[0], config)]
+        prompts = [self._prompt(m)["input_ids"][0] for m in conversations]
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stop_ids)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = prompt
+            attention_mask[row, width - len(prompt) :] = 1
+        first = _FirstToken()
+        start = time.perf_counter()
+        torch.manual_seed(config.seed)
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                streamer=first,
+                **self._sampling(config, width),
+            )
+        total = time.perf_counter() - start
+        ttft = (first.at - start) if first.at is not None else total
+        return [
+            self._response(row.tolist(), len(prompt), config, ttft, total)
+            for row, prompt in zip(output[:, width:], prompts, strict=True)
+        ]
+
+    def _response(self, ids: list[int], prompt_tokens: int, config: GenerationConfig, ttft: float, total: float):
+        """A batch row's Response: cut at its first end-of-generation token, then at a stop string."""
+        ended = next((i for i, token in enumerate(ids) if token in self.stop_ids), None)
+        ids = ids if ended is None else ids[:ended]
+        text, stopped = cut_at_stop(self._decode(ids), config.stop)
+        reason = "stop" if ended is not None or stopped or len(ids) < config.max_new_tokens else "length"
+        return Response(text.strip(), reason, prompt_tokens, len(ids), ttft, total)
+
     def vram(self) -> tuple[float, float] | None:
         """torch's allocated CUDA memory now and its peak since this backend was created, in MiB.
 
@@ -217,6 +265,22 @@ class _Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _FirstToken(BaseStreamer):
+    """Records when ``generate`` produced its first new tokens (the prompt's ``put`` is skipped)."""
+
+    def __init__(self):
+        self.puts = 0
+        self.at: float | None = None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 class _TokenQueue(BaseStreamer):

@@ -278,21 +278,25 @@ def run_probes(
         label: the model's name in reports.
         system_prompt: send the persona's system prompt (True), or none and let the model's
             chat template supply its default (False: a molting GGUF carries the persona's).
-        progress: called with the 0-based index of each probe once answered.
+        progress: called with the number of probes answered so far.
     """
     from molting.backends.base import GenerationConfig
 
     config = config or GenerationConfig()
     judge = Judge.for_persona(persona, load_rubric(persona))
-    outcomes = []
-    for i, probe in enumerate(probes.probes):
-        response = backend.generate(probe.messages(persona, system_prompt), config)
-        failures = probe_failures(probe, response.text, judge, response.finish_reason)
-        outcomes.append(
-            ProbeOutcome(probe.id, probe.kind, probe.prompt, response.text, failures, response.finish_reason)
+    conversations = [probe.messages(persona, system_prompt) for probe in probes.probes]
+    responses = backend.generate_batch(conversations, config, progress=progress)
+    outcomes = [
+        ProbeOutcome(
+            probe.id,
+            probe.kind,
+            probe.prompt,
+            response.text,
+            probe_failures(probe, response.text, judge, response.finish_reason),
+            response.finish_reason,
         )
-        if progress is not None:
-            progress(i)
+        for probe, response in zip(probes.probes, responses, strict=True)
+    ]
     return ProbeResult(label, system_prompt, outcomes)
 
 

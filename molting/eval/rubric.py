@@ -620,8 +620,9 @@ def evaluate(
     """Ask ``backend`` every rubric question as ``persona``, ``sampling.n`` times, and score each answer.
 
     Each answer is a fresh conversation: the persona's inference system prompt, then the
-    question. A question's n answers are asked one after another (llama.cpp reuses the
-    prompt's cache). Use the same ``config`` and ``sampling`` for every model you compare.
+    question. The questions are asked together through ``backend.generate_batch``, once
+    per decoding (the greedy answer, then each seeded sample). Use the same ``config`` and
+    ``sampling`` for every model you compare.
 
     Args:
         backend: any Backend (transformers, llama.cpp, or a test double).
@@ -631,20 +632,21 @@ def evaluate(
             tokens, repetition_penalty 1.1). The samples take everything else from it.
         label: the name of this model in reports.
         sampling: answers per question; default one greedy answer (``Sampling(n=1)``).
-        progress: called with the 0-based index of each question once all its answers are scored.
+        progress: called with the number of answers generated so far, of
+            ``len(rubric.questions) * sampling.n``.
     """
     from molting.backends.base import GenerationConfig
 
     config = config or GenerationConfig()
     sampling = sampling or Sampling(n=1)
     judge = Judge.for_persona(persona, rubric)
-    questions = []
-    for i, question in enumerate(rubric.questions):
-        answers = []
-        for decoding in sampling.configs(config):
-            response = backend.generate(persona.messages(question.prompt), decoding)
-            answers.append(judge.score(question, response.text, response.finish_reason))
-        questions.append(QuestionResult(question.id, question.prompt, answers))
-        if progress is not None:
-            progress(i)
+    conversations = [persona.messages(question.prompt) for question in rubric.questions]
+    answers: list[list[QuestionScore]] = [[] for _ in rubric.questions]
+    for k, decoding in enumerate(sampling.configs(config)):
+        done = k * len(conversations)
+        step = (lambda n, done=done: progress(done + n)) if progress is not None else None
+        responses = backend.generate_batch(conversations, decoding, progress=step)
+        for question, scores, response in zip(rubric.questions, answers, responses, strict=True):
+            scores.append(judge.score(question, response.text, response.finish_reason))
+    questions = [QuestionResult(q.id, q.prompt, scores) for q, scores in zip(rubric.questions, answers, strict=True)]
     return RubricResult(label, rubric.version, questions, asdict(sampling))

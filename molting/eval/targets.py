@@ -98,9 +98,9 @@ def evaluate_targets(
         ui.step(f"Rubric v{rubric.version} on {label} ({sampling.n} answer(s) per question)")
         backend = open_backend()
         try:
-            with ui.bar(f"rubric: {label}", len(rubric.questions)) as advance:
+            with ui.bar(f"rubric: {label}", len(rubric.questions) * sampling.n) as advance:
                 result = evaluate(
-                    backend, persona, rubric, config, label=label, sampling=sampling, progress=lambda i: advance(i + 1)
+                    backend, persona, rubric, config, label=label, sampling=sampling, progress=advance
                 )
             if probes is not None:
                 modes = (True, False) if backend.name == "llama.cpp" else (True,)
@@ -125,5 +125,5 @@ def ask_probes(backend, persona, probes: ProbeSet, config, label: str, system_pr
             config,
             label=label,
             system_prompt=system_prompt,
-            progress=lambda i: advance(i + 1),
+            progress=advance,
         )
