@@ -68,6 +68,13 @@ Method = Annotated[
 Finetuning = Annotated[
     str, typer.Option(help="lora (an adapter), or full: every weight, fp32 (SFT only) [default: lora]")
 ]
+SftAdapter = Annotated[
+    Path,
+    typer.Option(
+        help="with --method dpo: an SFT adapter already trained on this persona (a run's adapter/); "
+        "DPO continues it and SFT is skipped"
+    ),
+]
 MaxNew = Annotated[int, typer.Option(help="max_new_tokens for generation")]
 RepPenalty = Annotated[float, typer.Option(help="repetition_penalty (1.0 disables)")]
 Quant = Annotated[
@@ -240,6 +247,7 @@ def train(
     quantization: Quantization = "auto",
     method: Method = None,
     finetuning: Finetuning = None,
+    sft_adapter: SftAdapter = None,
     runs: Runs = Path("runs"),
 ) -> None:
     """Lint the persona's dataset, then fine-tune a LoRA adapter on it (--method dpo: then DPO on its preferences)."""
@@ -253,6 +261,8 @@ def train(
     try:
         persona = Persona.load(persona_dir)
         config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method, finetuning)
+        if sft_adapter is not None:
+            config = replace(config, sft_adapter=str(sft_adapter))
         out = out or Path("runs") / persona.slug
         budget = training_budget(persona, config)
         findings = lint_persona(persona, budget, training_pair_budget(persona, config))

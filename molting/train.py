@@ -28,8 +28,9 @@ import torch
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
 from molting.data import BudgetReport, token_budget, with_system_prompt
-from molting.errors import ConfigError
+from molting.errors import ConfigError, MoltingError
 from molting.io import atomic_path
+from molting.modelfiles import check_adapter_dir
 from molting.models import SOURCE_FILE, resolve_base_model
 from molting.persona import DATASET_FILE, PREFERENCES_FILE, Persona
 from molting.preferences import preference_budget
@@ -66,6 +67,10 @@ class TrainConfig:
         dpo_epochs, dpo_learning_rate: DPO's schedule; batch, accumulation, warmup and
             ``max_length`` are the SFT ones. 1e-4 is ten times below the SFT rate: a starting
             point, not a tuned value.
+        sft_adapter: with ``method="dpo"``: a LoRA adapter directory already trained by SFT on this
+            persona and base (a previous run's ``adapter/``). The SFT phase is skipped and DPO
+            continues that adapter, with it as the reference; its own ``r``, ``lora_alpha`` and
+            target modules apply. For iterating on ``preferences.jsonl`` without retraining SFT.
         finetuning: "lora" (an adapter; the LoRA fields apply) or "full" (every weight trained,
             fp32, no quantization; the run writes ``model/`` instead of ``adapter/``; SFT only).
             Full fine-tuning wants a learning rate ~10x below LoRA's (1e-4 rather than 1e-3).
@@ -89,6 +94,7 @@ class TrainConfig:
     dpo_epochs: float = 2.0
     dpo_learning_rate: float = 1e-4
     finetuning: Literal["lora", "full"] = "lora"
+    sft_adapter: str | None = None
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "4bit", "none"):
@@ -104,6 +110,8 @@ class TrainConfig:
             raise ConfigError("finetuning='full' trains fp32 weights; 4-bit (QLoRA) needs finetuning='lora'")
         if self.finetuning == "full" and self.method == "dpo":
             raise ConfigError("method='dpo' continues a LoRA adapter; it needs finetuning='lora'")
+        if self.sft_adapter is not None and (self.method != "dpo" or self.finetuning != "lora"):
+            raise ConfigError("sft_adapter is the SFT adapter DPO continues: it needs method='dpo', finetuning='lora'")
         for name in ("r", "lora_alpha", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -175,7 +183,10 @@ def train(
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
-        model = _sft(model, tokenizer, persona, config, common, _LossRecorder(record.loss, on_step))
+        if config.sft_adapter is None:
+            model = _sft(model, tokenizer, persona, config, common, _LossRecorder(record.loss, on_step))
+        else:
+            model = _continue(model, Path(config.sft_adapter), model_dir)
         if config.method == "dpo":
             dpo_start = time.perf_counter()
             _dpo(model, tokenizer, persona, config, common, _LossRecorder(record.dpo, on_step))
@@ -251,6 +262,26 @@ def _sft(model, tokenizer, persona: Persona, config: TrainConfig, common: dict, 
     trainer.remove_callback(PrinterCallback)  # progress goes through on_step instead
     trainer.train()
     return trainer.model
+
+
+def _continue(model, adapter: Path, model_dir: Path):
+    """``model`` with the trained SFT ``adapter`` on it, trainable, as adapter "default".
+
+    Raises:
+        ModelFileError: the adapter directory has no config or weights.
+        ConfigError: the adapter was trained on another base model.
+    """
+    from peft import PeftModel
+
+    check_adapter_dir(adapter)
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    try:
+        same = base is not None and resolve_base_model(base).resolve() == model_dir.resolve()
+    except MoltingError:
+        same = False
+    if not same:
+        raise ConfigError(f"{adapter / 'adapter_config.json'}: trained on {base!r}, not on {model_dir}")
+    return PeftModel.from_pretrained(model, adapter, is_trainable=True)
 
 
 def _dpo(model, tokenizer, persona: Persona, config: TrainConfig, common: dict, recorder: TrainerCallback) -> None:

@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -267,6 +268,36 @@ def test_dpo_record_and_one_adapter_directory(trained):
     assert not (adapter / "ref").exists()
 
 
+def test_dpo_continues_a_saved_sft_adapter_as_the_same_run_would(trained, tiny_llama_dir, tmp_path):
+    """sft_adapter: the SFT run's saved adapter, continued by DPO alone, takes the DPO steps the
+    SFT-then-DPO run took (same reference, same data order)."""
+    from molting.train import train
+
+    persona, runs, records, _ = trained
+    config = replace(tiny_config(tiny_llama_dir, "dpo"), sft_adapter=str(runs["sft"] / "adapter"))
+    record = train(persona, tmp_path / "continued", config)
+    assert record.loss == [] and record.config["sft_adapter"] == str(runs["sft"] / "adapter")
+    assert [e["loss"] for e in record.dpo] == pytest.approx([e["loss"] for e in records["dpo"].dpo], rel=1e-4)
+    assert (tmp_path / "continued" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_sft_adapter_needs_dpo_and_the_same_base(trained, tiny_llama_dir, tmp_path):
+    import shutil
+
+    from molting.train import TrainConfig, train
+
+    persona, runs, _, _ = trained
+    with pytest.raises(ConfigError, match="sft_adapter .* needs method='dpo'"):
+        TrainConfig(sft_adapter=str(runs["sft"] / "adapter"))
+    other = tmp_path / "other-base"
+    shutil.copytree(runs["sft"] / "adapter", other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path)}))
+    with pytest.raises(ConfigError, match=r"other-base/adapter_config.json: trained on .*, not on"):
+        train(persona, tmp_path / "run", replace(tiny_config(tiny_llama_dir, "dpo"), sft_adapter=str(other)))
+    assert not (tmp_path / "run").exists()
+
+
 def test_dpo_without_preferences_names_the_missing_file(tiny_llama_dir, tmp_path):
     from molting.train import TrainConfig, train
 
@@ -302,6 +333,12 @@ def test_cli_train_method_dpo(tiny_llama_dir, tmp_path):
     assert "DPO: 2 steps" in done.output  # 4 pairs / (1 x 4 accumulation) x 2 epochs (TrainConfig's dpo_epochs)
     saved = json.loads((tmp_path / "run" / "run.json").read_text())
     assert saved["config"]["method"] == "dpo" and [e["step"] for e in saved["dpo"]] == [1, 2]
+    continued = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "dpo-only"), "--sft-adapter", str(tmp_path / "run" / "adapter")]
+    )
+    assert continued.exit_code == 0, continued.output
+    assert "DPO: 2 steps" in continued.output
+    assert json.loads((tmp_path / "dpo-only" / "run.json").read_text())["loss"] == []
     validated = CliRunner().invoke(app, ["validate", str(persona_dir), "--base", str(tiny_llama_dir)],
                                    terminal_width=200)
     assert "4 preference pairs" in validated.output and "preference pairs (training system prompt)" in validated.output
