@@ -56,7 +56,7 @@ Base = Annotated[str, typer.Option("--base", help="embedded model name or local 
 Epochs = Annotated[float, typer.Option(help="training epochs [default: TrainConfig's]")]
 Rank = Annotated[int, typer.Option("--r", help="LoRA rank r [default: TrainConfig's]")]
 Alpha = Annotated[int, typer.Option(help="LoRA alpha, scale = lora_alpha / r [default: TrainConfig's]")]
-LR = Annotated[float, typer.Option("--lr", help="learning rate [default: TrainConfig's]")]
+LR = Annotated[float, typer.Option("--lr", help="learning rate [default: 1e-3 for LoRA, 1e-4 for full fine-tuning]")]
 MaxLength = Annotated[int, typer.Option(help="training sequence limit, tokens [default: TrainConfig's]")]
 Quantization = Annotated[str, typer.Option(help="auto (4-bit on CUDA, none on CPU), 4bit or none")]
 Method = Annotated[
@@ -66,7 +66,11 @@ Method = Annotated[
     ),
 ]
 Finetuning = Annotated[
-    str, typer.Option(help="lora (an adapter), or full: every weight, fp32 (SFT only) [default: lora]")
+    str,
+    typer.Option(
+        help="lora (an adapter), full (every weight, fp32; SFT only), or auto: full when the model's "
+        "fp32 weights, gradients and AdamW state fit in 4 GiB (SmolLM2-135M), else lora [default: auto]"
+    ),
 ]
 SftAdapter = Annotated[
     Path,
@@ -254,8 +258,8 @@ def train(
     from molting import registry
     from molting.data import lint_persona, raise_on_lint_errors
     from molting.persona import Persona
+    from molting.train import resolve_config, training_budget, training_pair_budget
     from molting.train import train as run_training
-    from molting.train import training_budget, training_pair_budget
 
     ui = RichUI()
     try:
@@ -263,6 +267,7 @@ def train(
         config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method, finetuning)
         if sft_adapter is not None:
             config = replace(config, sft_adapter=str(sft_adapter))
+        config = resolve_config(config)
         out = out or Path("runs") / persona.slug
         budget = training_budget(persona, config)
         findings = lint_persona(persona, budget, training_pair_budget(persona, config))

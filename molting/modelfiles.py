@@ -252,6 +252,26 @@ def check_model_dir(path: str | Path) -> None:
             check_safetensors(file)
 
 
+def parameter_count(model_dir: str | Path) -> int:
+    """Weights in a model directory's safetensors files, counted from their headers (nothing is loaded).
+
+    Raises:
+        ModelFileError: no ``*.safetensors`` file in ``model_dir``, or a truncated one.
+    """
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ModelFileError(Path(model_dir), "no *.safetensors weights to count")
+    total = 0
+    for path in files:
+        check_safetensors(path)
+        with safe_open(path, "np") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
 def check_adapter_dir(path: str | Path) -> None:
     """Check that a peft adapter directory has its config and weights.
 

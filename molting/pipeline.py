@@ -36,7 +36,7 @@ from molting.export.verify import (
     stop_and_leak,
 )
 from molting.persona import Persona
-from molting.train import TrainConfig
+from molting.train import TrainConfig, resolve_config
 
 MODELS = ("base", "fine-tuned", "gguf")
 
@@ -122,6 +122,7 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
     from molting.eval.probes import load_probes
     from molting.models import resolve_base_model
 
+    config = replace(config, train=resolve_config(config.train))  # finetuning "auto" decided once, here
     out = Path(config.out or Path("runs") / persona.slug)
     out.mkdir(parents=True, exist_ok=True)
     rubric = load_rubric(persona)
@@ -171,9 +172,13 @@ def _budget(persona: Persona, config: RunConfig, ui) -> None:
 def _train(persona, config: RunConfig, out: Path, ui):
     from molting.train import train
 
-    then = f", then DPO on {len(persona.preferences)} preference pairs" if config.train.method == "dpo" else ""
-    what = "every weight" if config.train.finetuning == "full" else "LoRA"
-    ui.step(f"Training {what} on {len(persona.examples)} examples{then}")
+    pairs = f"DPO on {len(persona.preferences)} preference pairs"
+    if config.train.sft_adapter is not None:
+        ui.step(f"Training {config.train.sft_adapter} further: {pairs}")
+    else:
+        then = f", then {pairs}" if config.train.method == "dpo" else ""
+        what = "every weight" if config.train.finetuning == "full" else "LoRA"
+        ui.step(f"Training {what} on {len(persona.examples)} examples{then}")
     with ui.bar("training", None) as advance:
         record = train(persona, out, config.train, on_step=lambda step, total, logs: advance(step, total))
     (out / "budget.json").write_text(json.dumps(record.budget, indent=2))

@@ -30,7 +30,7 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from molting.data import BudgetReport, token_budget, with_system_prompt
 from molting.errors import ConfigError, MoltingError
 from molting.io import atomic_path
-from molting.modelfiles import check_adapter_dir
+from molting.modelfiles import check_adapter_dir, parameter_count
 from molting.models import SOURCE_FILE, resolve_base_model
 from molting.persona import DATASET_FILE, PREFERENCES_FILE, Persona
 from molting.preferences import preference_budget
@@ -42,6 +42,16 @@ from molting.templates import training_template
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"]
 Quantization = Literal["auto", "4bit", "none"]
 Method = Literal["sft", "dpo"]
+Finetuning = Literal["auto", "lora", "full"]
+# finetuning="auto" trains every weight when the fp32 weights, their gradients and AdamW's two
+# moments (16 bytes per parameter) take at most this much memory: SmolLM2-135M (2.0 GiB) yes,
+# SmolLM2-360M (5.4 GiB), TinyLlama-1.1B and Phi-3-mini no. On SmolLM2-135M full fine-tuning made
+# the better Cláudio: rubric 6.1 against 4.1/10, 27 against 16 of 35 held-out probes, at the
+# same 2 epochs (experiments/RECIPES.md, rows extra-full and extra-rp1.1).
+FULL_FINETUNING_BYTES = 4 * 2**30
+BYTES_PER_TRAINED_PARAMETER = 16
+# The learning rate when none is given: LoRA's adapter wants ~10x full fine-tuning's.
+LEARNING_RATES = {"lora": 1e-3, "full": 1e-4}
 # The frozen copy of the SFT adapter that TRL's DPOTrainer makes for the reference (see _dpo).
 REFERENCE_ADAPTER = "ref"
 
@@ -55,6 +65,7 @@ class TrainConfig:
         r, lora_alpha, lora_dropout, target_modules: the LoRA adapter (scale = lora_alpha / r).
         num_train_epochs, learning_rate, per_device_train_batch_size,
         gradient_accumulation_steps, warmup_ratio: the optimizer schedule (AdamW, linear decay).
+            ``learning_rate`` None: 1e-3 for LoRA, 1e-4 for full fine-tuning (LEARNING_RATES).
             The default batch of 4 is 1 sequence x 4 accumulation steps: on SmolLM2-135M (CPU,
             8 steps) that gave the same losses at the same speed as 4 x 1, with a peak RSS of
             2.2 GB instead of 5.4 GB: about 1 GB per sequence in the micro-batch.
@@ -71,9 +82,11 @@ class TrainConfig:
             persona and base (a previous run's ``adapter/``). The SFT phase is skipped and DPO
             continues that adapter, with it as the reference; its own ``r``, ``lora_alpha`` and
             target modules apply. For iterating on ``preferences.jsonl`` without retraining SFT.
-        finetuning: "lora" (an adapter; the LoRA fields apply) or "full" (every weight trained,
-            fp32, no quantization; the run writes ``model/`` instead of ``adapter/``; SFT only).
-            Full fine-tuning wants a learning rate ~10x below LoRA's (1e-4 rather than 1e-3).
+        finetuning: "lora" (an adapter; the LoRA fields apply), "full" (every weight trained,
+            fp32, no quantization; the run writes ``model/`` instead of ``adapter/``; SFT only),
+            or "auto": "full" for a model whose full fine-tuning state fits in
+            ``FULL_FINETUNING_BYTES`` (SFT, no 4-bit asked), else "lora". ``resolve_config``
+            decides it before training; ``train`` records the decided value.
     """
 
     base_model: str = "smollm2-135m"
@@ -82,7 +95,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     num_train_epochs: float = 2.0
-    learning_rate: float = 1e-3
+    learning_rate: float | None = None
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 4
     warmup_ratio: float = 0.05
@@ -93,7 +106,7 @@ class TrainConfig:
     beta: float = 0.1
     dpo_epochs: float = 2.0
     dpo_learning_rate: float = 1e-4
-    finetuning: Literal["lora", "full"] = "lora"
+    finetuning: Finetuning = "auto"
     sft_adapter: str | None = None
 
     def __post_init__(self) -> None:
@@ -104,17 +117,34 @@ class TrainConfig:
         for name in ("beta", "dpo_epochs", "dpo_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.finetuning not in ("lora", "full"):
-            raise ConfigError(f"finetuning {self.finetuning!r} not in ('lora', 'full')")
+        if self.finetuning not in ("auto", "lora", "full"):
+            raise ConfigError(f"finetuning {self.finetuning!r} not in ('auto', 'lora', 'full')")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.finetuning == "full" and self.quantization == "4bit":
             raise ConfigError("finetuning='full' trains fp32 weights; 4-bit (QLoRA) needs finetuning='lora'")
         if self.finetuning == "full" and self.method == "dpo":
             raise ConfigError("method='dpo' continues a LoRA adapter; it needs finetuning='lora'")
-        if self.sft_adapter is not None and (self.method != "dpo" or self.finetuning != "lora"):
-            raise ConfigError("sft_adapter is the SFT adapter DPO continues: it needs method='dpo', finetuning='lora'")
+        if self.sft_adapter is not None and (self.method != "dpo" or self.finetuning == "full"):
+            raise ConfigError("sft_adapter is the LoRA adapter DPO continues: it needs method='dpo', not full")
         for name in ("r", "lora_alpha", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``finetuning`` and ``learning_rate`` decided (see TrainConfig).
+
+    Raises:
+        ModelFileError: "auto" and the base model has no safetensors weights to count.
+    """
+    finetuning = config.finetuning
+    if finetuning == "auto":
+        lora_only = config.method == "dpo" or config.quantization == "4bit"
+        state = 0 if lora_only else parameter_count(resolve_base_model(config.base_model)) * BYTES_PER_TRAINED_PARAMETER
+        finetuning = "full" if not lora_only and state <= FULL_FINETUNING_BYTES else "lora"
+    learning_rate = config.learning_rate or LEARNING_RATES[finetuning]
+    return dataclasses.replace(config, finetuning=finetuning, learning_rate=learning_rate)
 
 
 @dataclass
@@ -148,13 +178,14 @@ def train(
     config: TrainConfig | None = None,
     on_step: Callable[[int, int, dict], None] | None = None,
 ) -> RunRecord:
-    """Fine-tune ``config.base_model`` on ``persona.examples`` with LoRA; with ``method="dpo"``,
-    then on ``persona.preferences`` with DPO, in the same adapter.
+    """Fine-tune ``config.base_model`` on ``persona.examples`` with LoRA or every weight
+    (``config.finetuning``); with ``method="dpo"``, then on ``persona.preferences`` with DPO, in
+    the same adapter.
 
     Args:
         persona: a loaded persona with examples (and preferences for DPO).
-        output_dir: receives ``adapter/`` (one peft adapter directory, whatever the method)
-            and ``run.json``.
+        output_dir: receives ``adapter/`` (one peft adapter directory, whatever the method) or,
+            with full fine-tuning, ``model/``; and ``run.json``.
         config: hyperparameters; TrainConfig() if None.
         on_step: called as on_step(step, total_steps, logs) after each optimizer step, for
             the SFT steps and then, counting from 1 again, the DPO steps.
@@ -166,7 +197,7 @@ def train(
         ConfigError: no examples, ``method="dpo"`` without ``preferences.jsonl``, 4-bit asked
             without CUDA, an unsupported chat template.
     """
-    config = config or TrainConfig()
+    config = resolve_config(config or TrainConfig())
     _check_data(persona, config)
     model_dir = resolve_base_model(config.base_model)
     tokenizer = _training_tokenizer(model_dir)

@@ -69,7 +69,7 @@ def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
     out = tmp_path / "run"
     config = RunConfig(
         out=out,
-        train=TrainConfig(base_model=str(tiny_llama_256_dir), num_train_epochs=1, r=4, lora_alpha=8),
+        train=TrainConfig(base_model=str(tiny_llama_256_dir), num_train_epochs=1, r=4, lora_alpha=8, finetuning="lora"),
         generation=GenerationConfig(max_new_tokens=8),
         quant="Q8_0",
         n_ctx=256,
@@ -115,7 +115,7 @@ def test_run_can_judge_the_gguf_alone(tiny_llama_256_dir, tmp_path):
     persona = make_persona(tmp_path / "persona")
     config = RunConfig(
         out=tmp_path / "run",
-        train=TrainConfig(base_model=str(tiny_llama_256_dir), num_train_epochs=1, r=4, lora_alpha=8),
+        train=TrainConfig(base_model=str(tiny_llama_256_dir), num_train_epochs=1, r=4, lora_alpha=8, finetuning="lora"),
         generation=GenerationConfig(max_new_tokens=4),
         quant="Q8_0",
         n_ctx=256,

@@ -173,7 +173,7 @@ def tiny_config(model_dir, method):
     return TrainConfig(
         base_model=str(model_dir), method=method, num_train_epochs=2, per_device_train_batch_size=2,
         gradient_accumulation_steps=1, r=4, lora_alpha=8, learning_rate=1e-2,
-        beta=BETA, dpo_epochs=3, dpo_learning_rate=1e-2,
+        beta=BETA, dpo_epochs=3, dpo_learning_rate=1e-2, finetuning="lora",
     )
 
 

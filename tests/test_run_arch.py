@@ -20,7 +20,7 @@ def test_cli_train_with_a_sentencepiece_base(tiny_tinyllama_dir, tmp_path):
     (tmp_path / "persona").mkdir()
     make_persona(tmp_path / "persona")
     args = ["train", str(tmp_path / "persona"), "--out", str(tmp_path / "run"), "--base", str(tiny_tinyllama_dir)]
-    result = CliRunner().invoke(app, [*args, "--epochs", "1", "--r", "2", "--lora-alpha", "4"])
+    result = CliRunner().invoke(app, [*args, "--epochs", "1", "--r", "2", "--lora-alpha", "4", "--finetuning", "lora"])
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "run" / "run.json").read_text())
     assert saved["config"]["base_model"] == str(tiny_tinyllama_dir) and saved["loss"]
@@ -34,7 +34,7 @@ def test_run_on_a_phi3_base_writes_a_phi3_gguf(tiny_phi3_dir, tmp_path):
     out = tmp_path / "run"
     config = RunConfig(
         out=out,
-        train=TrainConfig(base_model=str(tiny_phi3_dir), num_train_epochs=1, r=4, lora_alpha=8),
+        train=TrainConfig(base_model=str(tiny_phi3_dir), num_train_epochs=1, r=4, lora_alpha=8, finetuning="lora"),
         generation=GenerationConfig(max_new_tokens=8),
         quant="F16",
         n_ctx=256,

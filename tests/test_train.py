@@ -64,6 +64,7 @@ def test_a_few_lora_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path):
         r=4,
         lora_alpha=8,
         learning_rate=1e-2,
+        finetuning="lora",
     )
     record = train(persona, tmp_path / "run", config, on_step=lambda s, n, logs: steps.append((s, n)))
 
@@ -106,6 +107,31 @@ def test_full_finetuning_trains_every_weight_and_writes_a_model(tiny_llama_dir, 
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="only refused without CUDA")
+def test_auto_trains_every_weight_of_a_small_model_and_lora_otherwise(tiny_llama_dir, monkeypatch):
+    """finetuning="auto": full for a model whose 16 bytes per parameter fit FULL_FINETUNING_BYTES
+    (and SFT without 4-bit), LoRA otherwise; the learning rate follows unless given."""
+    from transformers import AutoModelForCausalLM
+
+    import molting.train
+    from molting.modelfiles import parameter_count
+    from molting.train import resolve_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    n = parameter_count(tiny_llama_dir)
+    assert n == sum(p.numel() for p in model.parameters())
+    base = TrainConfig(base_model=str(tiny_llama_dir))
+    assert (resolve_config(base).finetuning, resolve_config(base).learning_rate) == ("full", 1e-4)
+    assert resolve_config(TrainConfig(base_model=str(tiny_llama_dir), learning_rate=3e-4)).learning_rate == 3e-4
+    assert resolve_config(TrainConfig(base_model=str(tiny_llama_dir), method="dpo")).finetuning == "lora"
+    assert resolve_config(TrainConfig(base_model=str(tiny_llama_dir), quantization="4bit")).finetuning == "lora"
+    lora = resolve_config(TrainConfig(base_model=str(tiny_llama_dir), finetuning="lora"))
+    assert (lora.finetuning, lora.learning_rate) == ("lora", 1e-3)
+    monkeypatch.setattr(molting.train, "FULL_FINETUNING_BYTES", 16 * n - 1)  # one byte short
+    assert resolve_config(base).finetuning == "lora"
+    monkeypatch.setattr(molting.train, "FULL_FINETUNING_BYTES", 16 * n)
+    assert resolve_config(base).finetuning == "full"
+
+
 def test_4bit_without_cuda_is_refused(tiny_llama_dir, tmp_path):
     config = TrainConfig(base_model=str(tiny_llama_dir), quantization="4bit")
     with pytest.raises(ConfigError, match="needs CUDA"):
@@ -162,7 +188,7 @@ def test_a_few_lora_steps_on_tinyllama_and_phi3_shapes(request, tmp_path, model)
 
     config = TrainConfig(
         base_model=str(request.getfixturevalue(model)), num_train_epochs=2, per_device_train_batch_size=2,
-        gradient_accumulation_steps=1, r=4, lora_alpha=8, learning_rate=1e-2,
+        gradient_accumulation_steps=1, r=4, lora_alpha=8, learning_rate=1e-2, finetuning="lora",
     )
     record = train(tiny_persona(tmp_path), tmp_path / "run", config)
     assert [entry["step"] for entry in record.loss] == [1, 2, 3, 4, 5, 6]
@@ -184,6 +210,8 @@ def test_a_windows_copy_of_the_example_dataset_trains(tiny_llama_dir, tmp_path):
     (persona_dir / "dataset.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")
     persona = Persona.load(persona_dir)
     assert persona.examples[0][0]["content"] == json.loads(lines[0])["messages"][0]["content"]
-    config = TrainConfig(base_model=str(tiny_llama_dir), num_train_epochs=1, gradient_accumulation_steps=4, r=2)
+    config = TrainConfig(
+        base_model=str(tiny_llama_dir), num_train_epochs=1, gradient_accumulation_steps=4, r=2, finetuning="lora"
+    )
     record = train(persona, tmp_path / "run", config)
     assert [entry["step"] for entry in record.loss] == [1] and record.budget["examples"] == 4
