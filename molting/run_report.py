@@ -53,11 +53,12 @@ def run_report(
 
 
 def _settings(record, train_config: dict, generation: dict) -> str:
+    full = train_config.get("finetuning") == "full"
+    lora = () if full else ("r", "lora_alpha", "lora_dropout")
     keys = (
         "base_model",
-        "r",
-        "lora_alpha",
-        "lora_dropout",
+        "finetuning",
+        *lora,
         "num_train_epochs",
         "learning_rate",
         "per_device_train_batch_size",
@@ -65,11 +66,13 @@ def _settings(record, train_config: dict, generation: dict) -> str:
         "max_length",
         "method",
     )
-    rows = "\n".join(f"| {k} | {train_config[k]} |" for k in keys)
+    rows = "\n".join(f"| {k} | {train_config[k]} |" for k in keys if k in train_config)
     memory = f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind.upper()}"
+    kind = "QLoRA (NF4 base)" if record.quantization == "4bit" else "LoRA"
+    kind = "full fine-tuning (every weight, fp32)" if full else kind
     return (
         "## Training\n\n"
-        f"{record.device.upper()}, {'QLoRA (NF4 base)' if record.quantization == '4bit' else 'LoRA'}, "
+        f"{record.device.upper()}, {kind}, "
         f"{record.train_seconds:.0f} s, {memory}.\n\n| setting | value |\n|---|---|\n{rows}\n"
     )
 

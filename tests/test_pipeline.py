@@ -110,12 +110,13 @@ def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
     assert "## Held-out probes" in report and "| **all** |" in report and "GGUF Q8_0 (no system prompt)" in report
 
 
-def test_run_can_judge_the_gguf_alone(tiny_llama_256_dir, tmp_path):
+def test_run_can_judge_the_gguf_alone_and_fine_tunes_a_small_model_fully(tiny_llama_256_dir, tmp_path):
+    """finetuning "auto" on a model this small trains every weight: model/, no adapter, no merge."""
     (tmp_path / "persona").mkdir()
     persona = make_persona(tmp_path / "persona")
     config = RunConfig(
         out=tmp_path / "run",
-        train=TrainConfig(base_model=str(tiny_llama_256_dir), num_train_epochs=1, r=4, lora_alpha=8, finetuning="lora"),
+        train=TrainConfig(base_model=str(tiny_llama_256_dir), num_train_epochs=1),
         generation=GenerationConfig(max_new_tokens=4),
         quant="Q8_0",
         n_ctx=256,
@@ -127,6 +128,10 @@ def test_run_can_judge_the_gguf_alone(tiny_llama_256_dir, tmp_path):
     assert list(result.results) == ["GGUF Q8_0"]
     entry = json.loads((result.entry / "entry.json").read_text())
     assert entry["primary"] == "GGUF Q8_0"
+    assert (entry["config"]["train"]["finetuning"], entry["config"]["train"]["learning_rate"]) == ("full", 1e-4)
+    assert result.adapter == tmp_path / "run" / "model" and (result.adapter / "config.json").is_file()
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "merged").exists()
+    assert "CPU, full fine-tuning (every weight, fp32)" in result.report.read_text()
     with pytest.raises(ConfigError, match="choose among"):
         RunConfig(models=("merged",))
 
