@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from dataclasses import replace
@@ -36,17 +37,23 @@ TABLE = HERE / "RECIPES.md"
 # tokens with SmolLM2's template) and a 60-token one written for it.
 FULL_PROMPT = (HERE / "prompts" / "full.txt").read_text(encoding="utf-8").strip()
 TINY_PROMPT = (HERE / "prompts" / "tiny.txt").read_text(encoding="utf-8").strip()
-# dataset.jsonl's first 157 examples are the dataset before this search; the 109 after them
-# (English turns, multi-turn, refusals, varied identity answers) were written for it.
-V1_EXAMPLES = 157
+# (examples, preference pairs) of each version of examples/claudio: the first lines of its
+# dataset.jsonl and preferences.jsonl. v1: the dataset before this search; v2 (extra=True, the
+# default now): 109 examples more (English turns, multi-turn, refusals, varied identity answers)
+# and the 58 pairs. v3 (v3=True): v2 and data/v3-*.jsonl, 26 examples more (refusals that say no
+# first, the name said first, who is the developer and who the AI in both languages) and 6 pairs
+# (English role swaps, refusals); it did not beat v2 (RECIPES.md), so examples/claudio stays v2.
+V1, V2 = (157, 58), (266, 58)
+V3_FILES = {name: HERE / "data" / f"v3-{name}" for name in ("dataset.jsonl", "preferences.jsonl")}
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # name -> (what it changes, persona changes, TrainConfig changes)
 #   persona changes, each against the persona before this search (full inference prompt, short
-#   training prompt, the first 157 examples): extra=True trains on all of dataset.jsonl;
+#   training prompt, the v1 examples): extra=True trains on v2, v3=True on v3;
 #   infer="train"|"short" infers with the training prompt or prompts/tiny.txt; train="full"|"short"
 #   trains with the full prompt or prompts/tiny.txt.
 #   reuse="<recipe>" trains nothing: that recipe's trained model, exported with this persona;
+#   sft_from="<recipe>" trains DPO only, continuing that recipe's SFT adapter (TrainConfig.sft_adapter);
 #   repetition_penalty=x judges with that decoding instead of 1.3, the default while the search ran.
 RECIPES: dict[str, tuple[str, dict, dict]] = {
     "baseline": (
@@ -79,6 +86,36 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
     "extra-rp1.1": (
         "extra's weights, decoded with repetition_penalty 1.1 instead of 1.3",
         {"infer": "train", "extra": True, "reuse": "extra", "repetition_penalty": 1.1},
+        {},
+    ),
+    "extra-dpo": (
+        "extra's SFT adapter, then DPO on preferences.jsonl (58 pairs, 2 epochs, beta 0.1, lr 1e-4)",
+        {"infer": "train", "extra": True, "sft_from": "extra"},
+        {"method": "dpo"},
+    ),
+    "v3": (
+        "extra + 26 examples: refusals that say no first, the name first, roles in both languages (292)",
+        {"infer": "train", "v3": True},
+        {},
+    ),
+    "v3-full": (
+        "v3's 292 examples, full fine-tuning (every weight, lr 1e-4)",
+        {"infer": "train", "v3": True},
+        {"finetuning": "full", "learning_rate": 1e-4},
+    ),
+    "v3-dpo": (
+        "v3's SFT adapter, then DPO on the 64 pairs of v3 (2 epochs, beta 0.1, lr 1e-4)",
+        {"infer": "train", "v3": True, "sft_from": "v3"},
+        {"method": "dpo"},
+    ),
+    "extra-full-rp1.0": (
+        "extra-full's weights, decoded with no repetition penalty (1.0)",
+        {"infer": "train", "extra": True, "reuse": "extra-full", "repetition_penalty": 1.0},
+        {},
+    ),
+    "extra-full-rp1.2": (
+        "extra-full's weights, decoded with repetition_penalty 1.2",
+        {"infer": "train", "extra": True, "reuse": "extra-full", "repetition_penalty": 1.2},
         {},
     ),
     "extra-3ep": ("extra, 3 epochs", {"infer": "train", "extra": True}, {"num_train_epochs": 3.0}),
@@ -114,9 +151,12 @@ def make_persona(name: str, changes: dict, out: Path) -> Persona:
     if changes.get("infer") == "short":
         spec["system_prompt"] = TINY_PROMPT
     (target / "persona.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    lines = (PERSONA / "dataset.jsonl").read_text(encoding="utf-8").splitlines()
-    kept = lines if changes.get("extra") else lines[:V1_EXAMPLES]
-    (target / "dataset.jsonl").write_text("\n".join(kept) + "\n", encoding="utf-8")
+    counts = V2 if changes.get("extra") or changes.get("v3") else V1
+    for name, count in zip(("dataset.jsonl", "preferences.jsonl"), counts, strict=True):
+        lines = (PERSONA / name).read_text(encoding="utf-8").splitlines()[:count]
+        if changes.get("v3"):
+            lines += V3_FILES[name].read_text(encoding="utf-8").splitlines()
+        (target / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return Persona.load(target)
 
 
@@ -143,10 +183,13 @@ def run_recipe(name: str, quant: str) -> dict:
     persona = make_persona(name, persona_changes, out)
     if "reuse" in persona_changes:
         return reuse_recipe(name, persona, quant)
+    source = HERE / "out" / persona_changes.get("sft_from", "") / "run"
+    sft = {"sft_adapter": str(source / "adapter")} if "sft_from" in persona_changes else {}
     config = RunConfig(
         generation=_generation(persona_changes),
         out=out / "run",
-        train=replace(TrainConfig(), **train_changes),
+        # Every recipe changes the search's LoRA baseline (r 16, lr 1e-3), whatever "auto" picks today.
+        train=replace(TrainConfig(finetuning="lora"), **train_changes, **sft),
         quant=quant,
         registry=HERE / "runs",
         models=("gguf",),
@@ -156,6 +199,10 @@ def run_recipe(name: str, quant: str) -> dict:
     result = run(persona, config, LogUI())
     wall = time.perf_counter() - start
     record = json.loads((out / "run" / "run.json").read_text())
+    if sft:  # the SFT phase is the source recipe's: its loss, and its time added to DPO's
+        earlier = json.loads((source / "run.json").read_text())
+        seconds = record["train_seconds"] + earlier["train_seconds"]
+        record = {**record, "loss": earlier["loss"], "train_seconds": seconds}
     (gguf_result,) = result.results.values()
     row = _row(name, what, persona, train_changes, persona_changes, gguf_result, record, wall, None)
     row["entry"] = str(result.entry.relative_to(HERE.parent))
@@ -163,10 +210,10 @@ def run_recipe(name: str, quant: str) -> dict:
 
 
 def _generation(changes: dict):
+    """The row's decoding: today's default (repetition_penalty 1.1) unless the recipe says otherwise."""
     from molting.backends.base import GenerationConfig
 
-    # The search ran at 1.3, the default until its extra-rp1.1 row made 1.1 the default.
-    return GenerationConfig(repetition_penalty=changes.get("repetition_penalty", 1.3))
+    return replace(GenerationConfig(), **{k: changes[k] for k in ("repetition_penalty",) if k in changes})
 
 
 def reuse_recipe(name: str, persona: Persona, quant: str) -> dict:
@@ -181,7 +228,8 @@ def reuse_recipe(name: str, persona: Persona, quant: str) -> dict:
     source = HERE / "out" / changes["reuse"] / "run"
     out = HERE / "out" / name
     start = time.perf_counter()
-    export = export_gguf(persona, source / "merged", out / f"{persona.slug}.{quant}.gguf", quant, LogUI(), verify=None)
+    weights = source / "model" if (source / "model").is_dir() else source / "merged"  # full fine-tuning or LoRA
+    export = export_gguf(persona, weights, out / f"{persona.slug}.{quant}.gguf", quant, LogUI(), verify=None)
     config = RunConfig(generation=_generation(changes))
     backend = LlamaCppBackend(export.path, n_ctx=config.n_ctx)
     try:
@@ -207,6 +255,7 @@ def _row(name, what, persona, train_changes, persona_changes, result, record, wa
         "train": train_changes,
         "persona": persona_changes,
         "gguf": result.label,
+        "repetition_penalty": _generation(persona_changes).repetition_penalty,
         "rubric_mean": result.mean,
         "rubric_noise": result.noise,
         "probes_passed": probes.passed,
@@ -231,31 +280,77 @@ def rejudged(row: dict) -> dict:
     persona = make_persona(row["recipe"], row["persona"], HERE / "out" / row["recipe"])
     result = rescore(entry.result(), persona, load_rubric(persona))
     probes = rejudge(result.probes[0], persona, load_probes(persona))
-    return {**row, "rubric_mean": result.mean, "rubric_noise": result.noise, "probes_passed": probes.passed}
+    judged = {"rubric_mean": result.mean, "rubric_noise": result.noise, "probes_passed": probes.passed}
+    return {**row, **judged, "outcomes": {o.id: o.passed for o in probes.outcomes}}
+
+
+# SFT alone against the same SFT followed by DPO: (SFT row, SFT + DPO row).
+DPO_PAIRS = [("extra-1ep", "extra-1ep-dpo"), ("extra-rp1.1", "extra-dpo"), ("v3", "v3-dpo")]
+
+
+def mcnemar(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value of ``gained`` probes passing only after the change against
+    ``lost`` passing only before it (a sign test over the probes that changed)."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def dpo_table(rows: list[dict]) -> list[str]:
+    """Per pair of DPO_PAIRS run: probes and rubric before and after DPO, paired over the same probes."""
+    by_name = {r["recipe"]: r for r in rows}
+    lines = [
+        "| SFT alone | SFT + DPO | probes | gained / lost | McNemar p | rubric /10 | difference ± noise |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for before, after in DPO_PAIRS:
+        if before not in by_name or after not in by_name:
+            continue
+        a, b = by_name[before], by_name[after]
+        gained = sum(b["outcomes"][i] and not ok for i, ok in a["outcomes"].items())
+        lost = sum(ok and not b["outcomes"][i] for i, ok in a["outcomes"].items())
+        noise = math.hypot(a["rubric_noise"], b["rubric_noise"])
+        lines.append(
+            f"| {before} | {after} | {a['probes_passed']} → {b['probes_passed']} of {a['probes_asked']} "
+            f"| +{gained} / −{lost} | {mcnemar(gained, lost):.2f} | {a['rubric_mean']:.1f} → {b['rubric_mean']:.1f} "
+            f"| {b['rubric_mean'] - a['rubric_mean']:+.1f} ± {noise:.1f} |"
+        )
+    return lines
 
 
 def write_table() -> None:
     rows = [json.loads(line) for line in ROWS.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [rejudged(row) for row in rows]
     lines = [
-        "| recipe | what changes | examples | GGUF | rubric /10 (mean ± noise) | held-out probes "
-        "| loss first → last | training | run |",
-        "|---|---|---:|---|---:|---:|---|---:|---:|",
+        "| recipe | what changes | examples | GGUF | repetition penalty | rubric /10 (mean ± noise) "
+        "| held-out probes (± s.e.) | loss first → last | training | run |",
+        "|---|---|---:|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         rate = r["probes_passed"] / r["probes_asked"]
+        error = (rate * (1 - rate) / r["probes_asked"]) ** 0.5  # binomial standard error of the pass rate
         lines.append(
-            f"| {r['recipe']} | {r['what']} | {r['examples']} | {r['gguf']} "
-            f"| {r['rubric_mean']:.1f} ± {r['rubric_noise']:.1f} | "
-            f"{r['probes_passed']}/{r['probes_asked']} ({rate:.0%}) | {r['loss_first']:.2f} → {r['loss_last']:.2f} | "
+            f"| {r['recipe']} | {r['what']} | {r['examples']} | {r['gguf']} | {r['repetition_penalty']} "
+            f"| {r['rubric_mean']:.1f} ± {r['rubric_noise']:.1f} | {r['probes_passed']}/{r['probes_asked']} "
+            f"({rate:.0%} ± {error:.0%}) | {r['loss_first']:.2f} → {r['loss_last']:.2f} | "
             f"{r['train_seconds'] / 60:.1f} min | {r['wall_seconds'] / 60:.1f} min |"
         )
     text = (
         TABLE.read_text(encoding="utf-8") if TABLE.exists() else "# Recipe search\n\n<!-- table -->\n<!-- /table -->\n"
     )
-    head, rest = text.split("<!-- table -->", 1)
-    tail = rest.split("<!-- /table -->", 1)[1]
-    TABLE.write_text(head + "<!-- table -->\n" + "\n".join(lines) + "\n<!-- /table -->" + tail, encoding="utf-8")
+    text = _between(text, "table", lines)
+    if "<!-- dpo -->" in text:
+        text = _between(text, "dpo", dpo_table(rows))
+    TABLE.write_text(text, encoding="utf-8")
+
+
+def _between(text: str, mark: str, lines: list[str]) -> str:
+    """``text`` with the lines between ``<!-- mark -->`` and ``<!-- /mark -->`` replaced."""
+    head, rest = text.split(f"<!-- {mark} -->", 1)
+    tail = rest.split(f"<!-- /{mark} -->", 1)[1]
+    return head + f"<!-- {mark} -->\n" + "\n".join(lines) + f"\n<!-- /{mark} -->" + tail
 
 
 def main() -> None:
