@@ -18,7 +18,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from molting.backends.base import GenerationConfig
-from molting.errors import MoltingError
+from molting.errors import ConfigError, MoltingError
 from molting.eval.rubric import Sampling
 
 # The libraries' own tqdm bars would interleave with molting's rich ones.
@@ -427,7 +427,9 @@ def _second_opinion(judge: str, persona, rubric, result) -> dict:
 @app.command()
 def export(
     persona_dir: PersonaDir,
-    adapter: Annotated[Path, typer.Option(help="peft adapter directory from `molting train`")],
+    adapter: Annotated[
+        Path, typer.Option(help="`molting train`'s adapter/ (LoRA), or its model/ (full fine-tuning: nothing to merge)")
+    ],
     out: Annotated[Path, typer.Option(help="the .gguf file to write")],
     quant: Quant = "Q4_K_M",
     base: Base = "smollm2-135m",
@@ -440,7 +442,8 @@ def export(
         ),
     ] = False,
 ) -> None:
-    """Merge an adapter into its base, write a GGUF with the persona's prompt inside, and check it."""
+    """Merge an adapter into its base (or take a fully fine-tuned model as it is), write a GGUF with
+    the persona's prompt inside, and check it."""
     import tempfile
 
     from molting.export import merge_adapter
@@ -453,14 +456,20 @@ def export(
     try:
         persona = Persona.load(persona_dir)
         verify = None if no_verify else VerifyConfig()
+        full = not (adapter / "adapter_config.json").is_file() and (adapter / "config.json").is_file()
+        if adapter_only and full:
+            raise ConfigError(f"{adapter}: a fully fine-tuned model has no LoRA adapter (train with --finetuning lora)")
         if adapter_only:
             export_adapter_gguf(persona, resolve_base_model(base), adapter, out, ui, verify=verify)
             console.print(f"wrote {out}: apply it to the base's GGUF with `llama-cli -m BASE.gguf --lora {out}`")
             return
-        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-            ui.step("Merging the adapter into a full-precision copy of the base")
-            merged = merge_adapter(resolve_base_model(base), adapter, Path(tmp) / "merged")
-            result = export_gguf(persona, merged, out, quant, ui, verify=verify)
+        if full:
+            result = export_gguf(persona, adapter, out, quant, ui, verify=verify)
+        else:
+            with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+                ui.step("Merging the adapter into a full-precision copy of the base")
+                merged = merge_adapter(resolve_base_model(base), adapter, Path(tmp) / "merged")
+                result = export_gguf(persona, merged, out, quant, ui, verify=verify)
     except MoltingError as exc:
         _fail(exc)
     console.print(f"wrote {result.path} ({result.quant})")

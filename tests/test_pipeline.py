@@ -188,3 +188,23 @@ def test_export_leaves_a_users_f16_beside_the_target_alone(tiny_llama_256_dir, t
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["claudio.F16.gguf", "claudio.Q8_0.gguf"]
     assert (out / "claudio.F16.gguf").read_bytes() == b"an earlier export"
+
+
+def test_cli_export_takes_a_fully_fine_tuned_model_as_it_is(tiny_llama_256_dir, tmp_path):
+    """`--adapter runs/x/model` (finetuning full): no merge, the model's own weights in the GGUF;
+    `--adapter-only` is refused, naming the directory."""
+    import gguf
+    from typer.testing import CliRunner
+
+    from molting.cli import app
+
+    (tmp_path / "persona").mkdir()
+    make_persona(tmp_path / "persona")
+    out = tmp_path / "claudio.F16.gguf"
+    args = ["export", str(tmp_path / "persona"), "--adapter", str(tiny_llama_256_dir), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--quant", "F16", "--no-verify"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "Merging" not in result.output and out.is_file()
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
+    refused = CliRunner().invoke(app, [*args, "--adapter-only"], terminal_width=200)
+    assert refused.exit_code == 2 and f"{tiny_llama_256_dir}: a fully fine-tuned model" in refused.output
