@@ -254,7 +254,8 @@ def train(
     sft_adapter: SftAdapter = None,
     runs: Runs = Path("runs"),
 ) -> None:
-    """Lint the persona's dataset, then fine-tune a LoRA adapter on it (--method dpo: then DPO on its preferences)."""
+    """Lint the persona's dataset, then fine-tune on it: every weight of a small model, else a LoRA adapter
+    (--finetuning); --method dpo: then DPO on its preferences."""
     from molting import registry
     from molting.data import lint_persona, raise_on_lint_errors
     from molting.persona import Persona

@@ -275,9 +275,10 @@ class Backend(abc.ABC):
         config = replace(config or GenerationConfig(), **options)
         for messages in conversations:
             validate_messages(messages)
+        size = max(1, self.batch_size)
         responses: list[Response] = []
-        for start in range(0, len(conversations), max(1, self.batch_size)):
-            responses += self._generate_batch(conversations[start : start + max(1, self.batch_size)], config)
+        for start in range(0, len(conversations), size):
+            responses += self._generate_batch(conversations[start : start + size], config)
             if progress is not None:
                 progress(len(responses))
         return responses
