@@ -98,6 +98,11 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
         {"infer": "train", "v3": True},
         {},
     ),
+    "extra-full-3ep": (
+        "extra-full, 3 epochs",
+        {"infer": "train", "extra": True},
+        {"finetuning": "full", "learning_rate": 1e-4, "num_train_epochs": 3.0},
+    ),
     "v3-full": (
         "v3's 292 examples, full fine-tuning (every weight, lr 1e-4)",
         {"infer": "train", "v3": True},
