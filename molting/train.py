@@ -141,10 +141,14 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     finetuning = config.finetuning
     if finetuning == "auto":
         lora_only = config.method == "dpo" or config.quantization == "4bit"
-        state = 0 if lora_only else parameter_count(resolve_base_model(config.base_model)) * BYTES_PER_TRAINED_PARAMETER
-        finetuning = "full" if not lora_only and state <= FULL_FINETUNING_BYTES else "lora"
+        finetuning = "lora" if lora_only or _full_state_bytes(config.base_model) > FULL_FINETUNING_BYTES else "full"
     learning_rate = config.learning_rate or LEARNING_RATES[finetuning]
     return dataclasses.replace(config, finetuning=finetuning, learning_rate=learning_rate)
+
+
+def _full_state_bytes(base_model: str) -> int:
+    """Bytes that training every weight of ``base_model`` holds (BYTES_PER_TRAINED_PARAMETER per weight)."""
+    return parameter_count(resolve_base_model(base_model)) * BYTES_PER_TRAINED_PARAMETER
 
 
 @dataclass
