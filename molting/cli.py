@@ -17,9 +17,18 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from molting import backends, registry
+from molting import fit as planner
 from molting.backends.base import GenerationConfig
-from molting.errors import ConfigError, MoltingError
+from molting.bench import BenchConfig, report
+from molting.bench import bench as run_bench
+from molting.errors import MoltingError
+from molting.eval.probes import probes_table
+from molting.eval.report import retention_table, score_cell
 from molting.eval.rubric import Sampling
+from molting.fit import MIB
+from molting.persona import Persona
+from molting.persona_dir import PersonaDir as LoadedPersona
 
 # The libraries' own tqdm bars would interleave with molting's rich ones.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -122,8 +131,6 @@ class RichUI:
             yield advance
 
     def table(self, result) -> None:
-        from molting.eval.report import score_cell
-
         table = Table(title=f"{result.label}: {result.total:g}/{result.max_total:g} ({result.mean:.1f}/10)")
         for column in ("question", "score", "reasons (first answer)"):
             table.add_column(column)
@@ -172,6 +179,11 @@ class RichUI:
             console.print(f"[yellow]example {item['example']} is {item['tokens_over']} tokens over max_length")
 
 
+def load_persona(path: Path) -> LoadedPersona:
+    """Every file of the persona directory ``path``, read and checked once (``PersonaDir.load``)."""
+    return LoadedPersona.load(path)
+
+
 def _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method=None, finetuning=None):
     from molting.train import TrainConfig
 
@@ -198,43 +210,30 @@ def _fail(exc: Exception) -> None:
 def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: MaxLength = None) -> None:
     """Check a persona directory, print its token budget with the model's tokenizer, and lint its dataset.
 
-    Exits with 1 when the lint finds an error (see ``molting.data.lint_dataset``).
+    Exits with 1 when the lint finds an error (see ``molting.lint.lint_dataset``).
     """
-    from transformers import AutoTokenizer
+    from molting.pipeline import validate as run_validation
 
-    from molting.data import lint_persona, token_budget
-    from molting.models import resolve_base_model
-    from molting.persona import Persona
-    from molting.preferences import preference_budget
-    from molting.train import TrainConfig
-
-    max_length = max_length or TrainConfig.max_length
+    ui = RichUI()
     try:
-        persona = Persona.load(persona_dir)
-        tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(base))
+        loaded = load_persona(persona_dir)
+        found = run_validation(loaded, _train_config(base, None, None, None, None, max_length, "auto"))
     except MoltingError as exc:
         _fail(exc)
+    persona = loaded.persona
     pairs = f", {len(persona.preferences)} preference pairs" if persona.preferences else ""
     console.print(f"{persona.name}: {len(persona.examples)} examples{pairs}, language {persona.language}")
-    budgets = {}
-    for label, prompt in (("training", persona.train_system_prompt), ("inference", persona.system_prompt)):
+    for label, budget in found.budgets.items():
         console.print(f"[bold]{label} system prompt")
-        budgets[label] = token_budget(tokenizer, persona.examples, prompt, max_length)
-        RichUI().budget(budgets[label])
-    pair_budget = None
-    if persona.preferences:
-        pair_budget = preference_budget(tokenizer, persona.preferences, persona.train_system_prompt, max_length)
-        s = pair_budget.summary()
+        ui.budget(budget)
+    if found.pair_budget is not None:
+        s = found.pair_budget.summary()
         console.print(
             f"preference pairs (training system prompt): tokens min {s['tokens_min']}, median "
             f"{s['tokens_median']}, max {s['tokens_max']}; truncated: {s['truncated_examples']}"
         )
-    try:
-        findings = lint_persona(persona, budgets["training"], pair_budget)
-    except MoltingError as exc:
-        _fail(exc)
-    RichUI().lint(findings)
-    if any(f.severity == "error" for f in findings):
+    ui.lint(found.findings)
+    if not found.ok:
         raise typer.Exit(code=1)
 
 
@@ -256,34 +255,17 @@ def train(
 ) -> None:
     """Lint the persona's dataset, then fine-tune on it: every weight of a small model, else a LoRA adapter
     (--finetuning); --method dpo: then DPO on its preferences."""
-    from molting import registry
-    from molting.data import lint_persona, raise_on_lint_errors
-    from molting.persona import Persona
-    from molting.train import resolve_config, training_budget, training_pair_budget
-    from molting.train import train as run_training
+    from molting.pipeline import train_persona
 
-    ui = RichUI()
     try:
-        persona = Persona.load(persona_dir)
+        loaded = load_persona(persona_dir)
         config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method, finetuning)
         if sft_adapter is not None:
             config = replace(config, sft_adapter=str(sft_adapter))
-        config = resolve_config(config)
-        out = out or Path("runs") / persona.slug
-        budget = training_budget(persona, config)
-        findings = lint_persona(persona, budget, training_pair_budget(persona, config))
-        ui.lint(findings)
-        raise_on_lint_errors(findings)
-        ui.budget(budget)
-        with ui.bar("training", None) as advance:
-            record = run_training(persona, out, config, on_step=lambda s, n, logs: advance(s, n))
-        weights = out / ("model" if config.finetuning == "full" else "adapter")
-        artifacts = {"adapter": weights, "run_json": out / "run.json"}
-        entry = registry.record(
-            runs, persona, "train", registry.config_dict(train=config), artifacts=artifacts, loss=record.loss
-        )
+        trained = train_persona(loaded, config, RichUI(), out=out, runs=runs)
     except MoltingError as exc:
         _fail(exc)
+    record = trained.record
     if record.dpo:
         last = record.dpo[-1]
         console.print(
@@ -292,8 +274,8 @@ def train(
             f"rewards/accuracies {last.get('rewards/accuracies', float('nan')):.2f}"
         )
     console.print(
-        f"{weights.name}: {weights}  ({record.train_seconds:.0f} s, "
-        f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind})\nregistered: {entry.root}"
+        f"{trained.weights.name}: {trained.weights}  ({record.train_seconds:.0f} s, "
+        f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind})\nregistered: {trained.entry}"
     )
 
 
@@ -325,32 +307,26 @@ def evaluate(
 
     from rich.markdown import Markdown
 
-    from molting import registry
-    from molting.backends import load_backend
-    from molting.eval import load_rubric, retention_table
-    from molting.eval.probes import load_probes, probes_table
-    from molting.eval.targets import evaluate_targets, target_labels, training_config
-    from molting.persona import Persona
+    from molting.pipeline import evaluate_persona
 
     ui = RichUI()
     try:
-        persona = Persona.load(persona_dir)
-        rubric = load_rubric(persona)
-        models = model or [str(persona.default_model())]
-        labels = target_labels(models, label)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
-        sampling = Sampling(n=samples)
-        targets = dict(zip(labels, models, strict=True))
-        opener = {lab: (lambda m=m: load_backend(m)) for lab, m in targets.items()}
-        probe_set = load_probes(persona) if probes else None
-        probe_config = replace(config, max_new_tokens=min(max_new_tokens, probe_max_new_tokens))
-        results = evaluate_targets(persona, rubric, opener, config, sampling, ui, probe_set, probe_config)
-        settings = registry.config_dict(
-            generation=config, sampling=sampling, models=targets, train=training_config(models[0])
+        loaded = load_persona(persona_dir)
+        found = evaluate_persona(
+            loaded,
+            model or [str(loaded.persona.default_model())],
+            ui,
+            labels=label,
+            generation=GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty),
+            sampling=Sampling(n=samples),
+            probes=probes,
+            probe_max_new_tokens=probe_max_new_tokens,
+            judge=judge,
+            runs=runs,
         )
-        entry = registry.record(runs, persona, "eval", settings, results)
     except MoltingError as exc:
         _fail(exc)
+    results = found.results
     for result in results:
         ui.table(result)
     if len(results) > 1:
@@ -359,12 +335,12 @@ def evaluate(
     if probed := [p for result in results for p in result.probes]:
         console.rule("[bold]held-out probes (pass / asked)")
         console.print(Markdown(probes_table(probed)))
-    console.print(f"registered: {entry.root}")
-    data = [r.to_dict() for r in results]
-    if judge:
-        for result, saved in zip(results, data, strict=True):
-            saved["judge"] = _second_opinion(judge, persona, rubric, result)
+    for result, opinion in zip(results, found.opinions, strict=False):
+        _print_opinion(result, opinion)
+    console.print(f"registered: {found.entry}")
     if out:
+        opinions = found.opinions or [None] * len(results)
+        data = [r.to_dict() | ({"judge": o} if o else {}) for r, o in zip(results, opinions, strict=True)]
         out.write_text(json.dumps(data, indent=2, ensure_ascii=False))
 
 
@@ -392,8 +368,6 @@ def compare_command(
     """
     from rich.markdown import Markdown
 
-    from molting import registry
-
     try:
         text = registry.comparison(run, runs, model)
     except (MoltingError, ValueError) as exc:
@@ -403,26 +377,16 @@ def compare_command(
         out.write_text(text, encoding="utf-8")
 
 
-def _second_opinion(judge: str, persona, rubric, result) -> dict:
-    """Have ``judge`` grade ``result``'s answers; print both scores side by side."""
-    from dataclasses import asdict
-
-    from molting.backends import load_backend
-    from molting.eval.model_judge import model_opinions
-
-    try:
-        backend = load_backend(judge)
-        opinions = model_opinions(backend, persona, rubric, result)
-    except MoltingError as exc:
-        _fail(exc)
-    table = Table(title=f"{result.label}: molting's score beside {judge}'s (a second opinion, not the score)")
+def _print_opinion(result, opinion: dict) -> None:
+    """A judge's grades of ``result``'s greedy answers beside molting's scores."""
+    title = f"{result.label}: molting's score beside {opinion['model']}'s (a second opinion, not the score)"
+    table = Table(title=title)
     for column in ("question", "molting", "judge", "judge's reply"):
         table.add_column(column)
-    for scored, opinion in zip((q.greedy for q in result.questions), opinions, strict=True):
-        shown = "unreadable" if opinion.score is None else f"{opinion.score:g}"
-        table.add_row(scored.prompt, f"{scored.score:g}", shown, opinion.reply.strip()[:120])
+    for scored, given in zip((q.greedy for q in result.questions), opinion["opinions"], strict=True):
+        shown = "unreadable" if given["score"] is None else f"{given['score']:g}"
+        table.add_row(scored.prompt, f"{scored.score:g}", shown, given["reply"].strip()[:120])
     console.print(table)
-    return {"model": judge, "opinions": [asdict(o) for o in opinions]}
 
 
 @app.command()
@@ -445,35 +409,23 @@ def export(
 ) -> None:
     """Merge an adapter into its base (or take a fully fine-tuned model as it is), write a GGUF with
     the persona's prompt inside, and check it."""
-    import tempfile
-
-    from molting.export import merge_adapter
+    from molting.export import export_model
     from molting.export.verify import VerifyConfig
-    from molting.models import resolve_base_model
-    from molting.persona import Persona
-    from molting.pipeline import export_adapter_gguf, export_gguf
 
     ui = RichUI()
     try:
-        persona = Persona.load(persona_dir)
+        loaded = load_persona(persona_dir)
         verify = None if no_verify else VerifyConfig()
-        full = not (adapter / "adapter_config.json").is_file() and (adapter / "config.json").is_file()
-        if adapter_only and full:
-            raise ConfigError(f"{adapter}: a fully fine-tuned model has no LoRA adapter (train with --finetuning lora)")
-        if adapter_only:
-            export_adapter_gguf(persona, resolve_base_model(base), adapter, out, ui, verify=verify)
-            console.print(f"wrote {out}: apply it to the base's GGUF with `llama-cli -m BASE.gguf --lora {out}`")
-            return
-        if full:
-            result = export_gguf(persona, adapter, out, quant, ui, verify=verify)
-        else:
-            with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-                ui.step("Merging the adapter into a full-precision copy of the base")
-                merged = merge_adapter(resolve_base_model(base), adapter, Path(tmp) / "merged")
-                result = export_gguf(persona, merged, out, quant, ui, verify=verify)
+        result = export_model(
+            loaded.persona, adapter, out, quant, ui, base=base, rubric=loaded.rubric, verify=verify,
+            adapter_only=adapter_only,
+        )
     except MoltingError as exc:
         _fail(exc)
-    console.print(f"wrote {result.path} ({result.quant})")
+    if adapter_only:
+        console.print(f"wrote {out}: apply it to the base's GGUF with `llama-cli -m BASE.gguf --lora {out}`")
+    else:
+        console.print(f"wrote {result.path} ({result.quant})")
 
 
 @app.command()
@@ -490,9 +442,6 @@ def chat(
     seed: Annotated[int, typer.Option(help="sampling seed")] = GenerationConfig.seed,
 ) -> None:
     """Talk to a persona, the answer printed as it is generated (default model: its latest GGUF in runs/)."""
-    from molting.backends import load_backend
-    from molting.persona import Persona
-
     persona = Persona.load(persona_dir)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -503,7 +452,7 @@ def chat(
         stop=tuple(stop or ()),
         seed=seed,
     )
-    backend = load_backend(model or persona.default_model())
+    backend = backends.load_backend(model or persona.default_model())
     history: list[dict] = []
     try:
         while True:
@@ -554,11 +503,10 @@ def run_all(
 ) -> None:
     """Validate → budget → lint → train → rubric (base, fine-tuned) → GGUF → rubric (llama.cpp) → report."""
     from molting.export.verify import VerifyConfig
-    from molting.persona import Persona
     from molting.pipeline import RunConfig, run
 
     try:
-        persona = Persona.load(persona_dir)
+        loaded = load_persona(persona_dir)
         config = RunConfig(
             out=out,
             quant=quant,
@@ -568,7 +516,7 @@ def run_all(
             sampling=Sampling(n=samples),
             registry=runs,
         )
-        result = run(persona, config, RichUI())
+        result = run(loaded, config, RichUI())
     except MoltingError as exc:
         _fail(exc)
     console.rule("[bold green]done")
@@ -600,9 +548,6 @@ def bench(
 ) -> None:
     """Measure load time, memory, TTFT, prefill and decode speed of every engine x model x quantization."""
     import subprocess
-
-    from molting.bench import BenchConfig, report
-    from molting.bench import bench as run_bench
 
     options = dict(
         dtype=dtype,
@@ -644,8 +589,6 @@ def fit(
     ] = True,
 ) -> None:
     """Estimate llama.cpp's memory per quantization, KV cache type and offloaded layers; print the best plan."""
-    from molting import fit as planner
-
     try:
         shape = planner.load_shape(model)
         result = planner.plan(shape, planner.parse_size(vram), ctx, reserve=planner.parse_size(reserve), repack=repack)
@@ -661,8 +604,6 @@ def fit(
 
 
 def _fit_table(result) -> Table:
-    from molting.fit import MIB
-
     s = result.shape
     title = f"{s.name}: {s.n_layer} layers, n_ctx {result.n_ctx}, VRAM {result.vram / MIB:.0f} MiB (figures in MiB)"
     table = Table(title=title)
@@ -684,8 +625,6 @@ def _fit_table(result) -> Table:
 
 
 def _layers_table(rows) -> Table:
-    from molting.fit import MIB
-
     table = Table(title=f"{rows[0].quant}, KV {rows[0].kv_type}: every n_gpu_layers")
     for column in ("n_gpu_layers", "VRAM", "RAM"):
         table.add_column(column, justify="right")

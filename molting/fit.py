@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from molting.errors import ConfigError
+from molting.models import REFERENCE_CONFIGS, reference_config
 
 MIB = 2**20
 GIB = 2**30
@@ -176,8 +177,6 @@ def load_shape(model: str | Path) -> ModelShape:
     Raises:
         ConfigError: none of those, an unreadable file, or an architecture the planner does not know.
     """
-    from molting.models import REFERENCE_CONFIGS, reference_config
-
     if str(model) in REFERENCE_CONFIGS:
         return shape_from_config(reference_config(str(model)), str(model))
     path = Path(model)

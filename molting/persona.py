@@ -6,6 +6,11 @@ A persona directory holds::
     dataset.jsonl   # chat examples, one {"messages": [...]} object per line (TRL's format)
     preferences.jsonl  # optional: chosen/rejected answer pairs for DPO (see molting.preferences)
     rubric.yaml     # optional: the evaluation questions (see molting.eval.rubric)
+    probes.yaml     # optional: held-out pass/fail probes (see molting.eval.probes)
+    labelled.jsonl  # optional: hand-labelled answers for the scorer (see molting.eval.calibration)
+
+``Persona.load`` reads the first three; ``molting.persona_dir.PersonaDir.load`` reads them all,
+once, for the commands that need the rubric and the probes too.
 """
 
 from __future__ import annotations
@@ -15,16 +20,13 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
+from molting.backends import Backend, Message, load_backend
 from molting.data import Conversation, load_dataset
 from molting.errors import PersonaError
 from molting.preferences import Preference, load_preferences
-
-if TYPE_CHECKING:
-    from molting.backends.base import Backend, Message
 
 PERSONA_FILE = "persona.yaml"
 DATASET_FILE = "dataset.jsonl"
@@ -125,8 +127,6 @@ class Persona:
             history: earlier turns, without the system prompt.
             **options: decoding options of :class:`molting.backends.GenerationConfig`.
         """
-        from molting.backends import Backend, load_backend
-
         backend = model if isinstance(model, Backend) else load_backend(model or self.default_model())
         return backend.chat(self.messages(message, history), **options)
 

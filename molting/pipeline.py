@@ -1,7 +1,11 @@
-"""``molting run``: the whole path, one step after another.
+"""``molting run``: the whole path, one step after another; and the one function behind each other command.
 
 validate → token budget → dataset lint → LoRA → merge → rubric on base and fine-tuned (transformers)
 → GGUF (F16, then the chosen quant) → rubric on the GGUF (llama.cpp) → report.
+
+``molting validate``, ``train``, ``export`` and ``eval`` call :func:`validate`, :func:`train_persona`,
+:func:`molting.export.export_model` and :func:`evaluate_persona`: the same steps ``run`` takes, each
+in one place. The persona directory is read once (``molting.persona_dir.PersonaDir``) and handed down.
 
 Every step writes into one run directory::
 
@@ -15,28 +19,27 @@ run registry (``molting.registry``) that ``molting compare`` reads.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from molting import backends, registry
 from molting.backends.base import GenerationConfig
-from molting.errors import ConfigError, ExportError
-from molting.eval.rubric import Sampling
-from molting.export.verify import (
-    AUTO_CANDIDATES,
-    FileCheck,
-    VerifyConfig,
-    VerifyReport,
-    check_unquantized,
-    choose_quant,
-    compare_gguf,
-    persona_texts,
-    reference_logprobs,
-    stop_and_leak,
-)
+from molting.data import BudgetReport, token_budget
+from molting.errors import ConfigError
+from molting.eval.model_judge import model_opinions
+from molting.eval.rubric import Rubric, RubricResult, Sampling, load_rubric
+from molting.eval.targets import evaluate_targets, target_labels, training_config
+from molting.export.steps import ExportResult, export_model, merge
+from molting.export.steps import export_adapter_gguf as _export_adapter_gguf
+from molting.export.steps import export_gguf as _export_gguf
+from molting.export.verify import VerifyConfig, VerifyReport
+from molting.lint import LintFinding, lint_persona, raise_on_lint_errors
+from molting.models import resolve_base_model
 from molting.persona import Persona
-from molting.train import TrainConfig, resolve_config
+from molting.persona_dir import PersonaDir, persona_dir
+from molting.run_report import run_report
+from molting.train import RunRecord, TrainConfig, TrainingData, prepare, resolve_config, train
 
 MODELS = ("base", "fine-tuned", "gguf")
 
@@ -101,38 +104,33 @@ class RunResult:
     entry: Path | None = None
 
 
-Step = Callable[[str], None]
-
-
-def run(persona: Persona, config: RunConfig, ui) -> RunResult:
+def run(persona: Persona | PersonaDir, config: RunConfig, ui) -> RunResult:
     """Run the whole path for ``persona``; see the module docstring.
 
     Args:
-        persona: a loaded persona (``Persona.load`` validated it and its dataset).
+        persona: a loaded persona directory (``PersonaDir.load``: every file read and checked
+            once); a bare ``Persona`` has its rubric and probes read here, once.
         config: see RunConfig.
         ui: progress reporter with ``step(title)``, ``budget(report)`` (a BudgetReport),
-            ``lint(findings)`` (``molting.data.LintFinding`` list),
+            ``lint(findings)`` (``molting.lint.LintFinding`` list),
             ``bar(title, total)`` (a context manager yielding ``advance(done, total=None)``),
             ``table(result)`` (a RubricResult) and ``verify(report)`` (a VerifyReport); the CLI
             passes a rich one, tests a silent one.
     """
     from molting.backends.llamacpp import LlamaCppBackend
     from molting.backends.transformers import TransformersBackend
-    from molting.eval import evaluate, load_rubric
-    from molting.eval.probes import load_probes
-    from molting.models import resolve_base_model
 
+    loaded = persona_dir(persona)
+    persona = loaded.persona
     config = replace(config, train=resolve_config(config.train))  # finetuning "auto" decided once, here
     out = Path(config.out or Path("runs") / persona.slug)
     out.mkdir(parents=True, exist_ok=True)
-    rubric = load_rubric(persona)
-    probes = load_probes(persona) if config.probes else None
     base_dir = resolve_base_model(config.train.base_model)
-    judge = _Evaluation(persona, rubric, probes, config, out, ui, evaluate)
+    judge = _Evaluation(loaded, config, out, ui)
 
-    _budget(persona, config, ui)
-    record = _train(persona, config, out, ui)
-    merged = out / "model" if config.train.finetuning == "full" else _merge(base_dir, out, ui)
+    record = _train(loaded.persona, config.train, out, ui, check_training_data(loaded, config.train, ui))
+    full = config.train.finetuning == "full"
+    merged = out / "model" if full else merge(base_dir, out / "adapter", out / "merged", ui)
     results = {}
     for label, backend in (
         ("base", lambda: TransformersBackend(base_dir)),
@@ -140,125 +138,235 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
     ):
         if label in config.models:
             results[label] = judge(label, backend)
-    export = _export(persona, merged, out, config, ui)
+    verify = replace(config.verify, generation=config.generation) if config.verify else None
+    target = lambda quant: out / f"{persona.slug}.{quant}.gguf"  # noqa: E731
+    export = export_model(
+        persona, merged, target, config.quant, ui, base=base_dir, rubric=loaded.rubric, verify=verify,
+        keep_f16=config.keep_f16,
+    )
     gguf, label = export.path, f"GGUF {export.quant}"
     if "gguf" in config.models:
-        results[label] = judge(label, lambda: LlamaCppBackend(gguf, n_ctx=config.n_ctx), bare=config.probe_bare)
+        results[label] = judge(label, lambda: LlamaCppBackend(gguf, n_ctx=config.n_ctx))
     _write_modelfile(persona, gguf, config.generation, out)
     report = _write_report(persona, config, record, results, export, out)
-    weights = out / ("model" if config.train.finetuning == "full" else "adapter")
+    weights = out / ("model" if full else "adapter")
     entry = _register(persona, config, record, results, {"adapter": weights, "gguf": gguf, "report": report})
     return RunResult(out, weights, gguf, report, results, export.check, entry)
 
 
-def _budget(persona: Persona, config: RunConfig, ui) -> None:
-    """Token budget and dataset lint before any training step; a lint error stops the run.
+def check_training_data(persona: Persona | PersonaDir, config: TrainConfig, ui) -> TrainingData:
+    """Token budget and dataset lint before any training step; a lint error stops here.
+
+    Returns:
+        ``molting.train.prepare``'s tokenizer and budgets, for ``train`` to use as they are.
 
     Raises:
-        DatasetError: the lint found an error (``molting.data.lint_dataset``).
+        DatasetError: the lint found an error (``molting.lint``).
     """
-    from molting.data import lint_persona, raise_on_lint_errors
-    from molting.train import training_budget, training_pair_budget
-
-    ui.step(f"Token budget (max_length {config.train.max_length}, {config.train.base_model}'s chat template)")
-    budget = training_budget(persona, config.train)
-    ui.budget(budget)
+    loaded = persona_dir(persona)
+    ui.step(f"Token budget (max_length {config.max_length}, {config.base_model}'s chat template)")
+    data = prepare(loaded.persona, config)
+    ui.budget(data.budget)
     ui.step("Dataset lint")
-    findings = lint_persona(persona, budget, training_pair_budget(persona, config.train))
+    findings = lint_persona(loaded, data.budget, data.pair_budget)
     ui.lint(findings)
     raise_on_lint_errors(findings)
+    return data
 
 
-def _train(persona, config: RunConfig, out: Path, ui):
-    from molting.train import train
-
+def _train(persona: Persona, config: TrainConfig, out: Path, ui, data: TrainingData) -> RunRecord:
     pairs = f"DPO on {len(persona.preferences)} preference pairs"
-    if config.train.sft_adapter is not None:
-        ui.step(f"Training {config.train.sft_adapter} further: {pairs}")
+    if config.sft_adapter is not None:
+        ui.step(f"Training {config.sft_adapter} further: {pairs}")
     else:
-        then = f", then {pairs}" if config.train.method == "dpo" else ""
-        what = "every weight" if config.train.finetuning == "full" else "LoRA"
+        then = f", then {pairs}" if config.method == "dpo" else ""
+        what = "every weight" if config.finetuning == "full" else "LoRA"
         ui.step(f"Training {what} on {len(persona.examples)} examples{then}")
     with ui.bar("training", None) as advance:
-        record = train(persona, out, config.train, on_step=lambda step, total, logs: advance(step, total))
+        record = train(persona, out, config, on_step=lambda step, total, logs: advance(step, total), data=data)
     (out / "budget.json").write_text(json.dumps(record.budget, indent=2))
     return record
 
 
-def _merge(base_dir: Path, out: Path, ui) -> Path:
-    from molting.export import merge_adapter
+@dataclass
+class TrainResult:
+    """What ``molting train`` did: the run record, the weights written and the registry entry."""
 
-    ui.step("Merging the adapter into a full-precision copy of the base")
-    return merge_adapter(base_dir, out / "adapter", out / "merged")
+    record: RunRecord
+    weights: Path
+    entry: Path | None = None
+
+
+def train_persona(
+    persona: Persona | PersonaDir, config: TrainConfig, ui, out: Path | None = None, runs: Path | None = None
+) -> TrainResult:
+    """``molting train``: budget → lint → train → record, the steps ``run`` takes before its rubric.
+
+    Args:
+        persona: a loaded persona directory (or a Persona, its rubric and probes read here).
+        config: the recipe (``resolve_config`` decides "auto" here).
+        ui: as for :func:`run` (``step``, ``budget``, ``lint``, ``bar``).
+        out: receives ``adapter/`` or ``model/`` and ``run.json`` (default ``runs/<slug>``).
+        runs: the registry to record the command in; None records nothing.
+
+    Raises:
+        DatasetError: a lint error; ConfigError: see ``molting.train.train``.
+    """
+    loaded = persona_dir(persona)
+    config = resolve_config(config)
+    out = Path(out or Path("runs") / loaded.persona.slug)
+    record = _train(loaded.persona, config, out, ui, check_training_data(loaded, config, ui))
+    weights = out / ("model" if config.finetuning == "full" else "adapter")
+    entry = None
+    if runs is not None:
+        artifacts = {"adapter": weights, "run_json": out / "run.json"}
+        settings = registry.config_dict(train=config)
+        entry = registry.record(runs, loaded.persona, "train", settings, artifacts=artifacts, loss=record.loss).root
+    return TrainResult(record, weights, entry)
+
+
+@dataclass
+class Validation:
+    """What ``molting validate`` found: the budgets under both system prompts, and the lint.
+
+    Attributes:
+        persona: the persona directory as loaded.
+        budgets: ``{"training": ..., "inference": ...}``: the examples' token budgets with each
+            system prompt, under the training tokenizer and chat template.
+        pair_budget: the preference pairs' budget; None without pairs.
+        findings: the lint's findings (``molting.lint``).
+    """
+
+    persona: PersonaDir
+    budgets: dict[str, BudgetReport]
+    pair_budget: BudgetReport | None
+    findings: list[LintFinding]
+
+    @property
+    def ok(self) -> bool:
+        """No lint error (warnings pass)."""
+        return not any(f.severity == "error" for f in self.findings)
+
+
+def validate(persona: Persona | PersonaDir, config: TrainConfig | None = None) -> Validation:
+    """``molting validate``: the token budgets ``train`` will face, and the dataset lint.
+
+    Raises:
+        ConfigError: no examples; ModelFileError: an unusable base model.
+    """
+    loaded = persona_dir(persona)
+    data = prepare(loaded.persona, config or TrainConfig())
+    examples, limit = loaded.persona.examples, data.config.max_length
+    inference = token_budget(data.tokenizer, examples, loaded.persona.system_prompt, limit)
+    findings = lint_persona(loaded, data.budget, data.pair_budget)
+    return Validation(loaded, {"training": data.budget, "inference": inference}, data.pair_budget, findings)
 
 
 @dataclass
 class _Evaluation:
-    """Judges one model: the rubric, then the held-out probes (with the system prompt, and without)."""
+    """Judges one model of a run: the rubric, then the held-out probes; saved as ``eval/<name>.json``."""
 
-    persona: Persona
-    rubric: object
-    probes: object
+    persona: PersonaDir
     config: RunConfig
     out: Path
     ui: object
-    evaluate: Callable
 
-    def __call__(self, label: str, make_backend: Callable, bare: bool = False):
-        """The model's RubricResult (probes attached), saved as ``eval/<name>.json`` and shown.
-
-        Args:
-            label: the model's name in the report.
-            make_backend: opens the model.
-            bare: also ask the probes with no system prompt (for a GGUF, whose template carries it).
-        """
-        config, ui = self.config, self.ui
-        ui.step(f"Rubric v{self.rubric.version} on {label}")
-        backend = make_backend()
-        try:
-            with ui.bar(f"rubric: {label}", len(self.rubric.questions) * config.sampling.n) as advance:
-                result = self.evaluate(
-                    backend,
-                    self.persona,
-                    self.rubric,
-                    config.generation,
-                    label=label,
-                    sampling=config.sampling,
-                    progress=advance,
-                )
-            if self.probes is not None:
-                result.probes = [self._probe(backend, label, mode) for mode in ((True, False) if bare else (True,))]
-        finally:
-            backend.close()
+    def __call__(self, label: str, make_backend: Callable) -> RubricResult:
+        """The model's RubricResult (probes attached), saved and shown (``ui.table``)."""
+        config = self.config
+        probes = self.persona.probes if config.probes else None
+        limit = min(config.generation.max_new_tokens, config.probe_max_new_tokens)
+        (result,) = evaluate_targets(
+            self.persona.persona,
+            self.persona.rubric,
+            {label: make_backend},
+            config.generation,
+            config.sampling,
+            self.ui,
+            probes,
+            replace(config.generation, max_new_tokens=limit),
+            bare=config.probe_bare,
+        )
         (self.out / "eval").mkdir(exist_ok=True)
         name = label.lower().split()[0].replace("-", "")
         (self.out / "eval" / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
-        ui.table(result)
+        self.ui.table(result)
         return result
-
-    def _probe(self, backend, label: str, system_prompt: bool):
-        from molting.eval.targets import ask_probes
-
-        generation = self.config.generation
-        generation = replace(
-            generation, max_new_tokens=min(generation.max_new_tokens, self.config.probe_max_new_tokens)
-        )
-        return ask_probes(backend, self.persona, self.probes, generation, label, system_prompt, self.ui)
-
-
-def _export(persona: Persona, merged: Path, out: Path, config: RunConfig, ui) -> ExportResult:
-    verify = replace(config.verify, generation=config.generation) if config.verify else None
-    target = lambda quant: out / f"{persona.slug}.{quant}.gguf"  # noqa: E731
-    return export_gguf(persona, merged, target, config.quant, ui, keep_f16=config.keep_f16, verify=verify)
 
 
 @dataclass
-class ExportResult:
-    """What :func:`export_gguf` wrote: the file, its type and its check (None with ``verify=None``)."""
+class Evaluation:
+    """What ``molting eval`` measured: one result per model, the judge's opinions, the registry entry.
 
-    path: Path
-    quant: str
-    check: VerifyReport | None = None
+    Attributes:
+        results: one RubricResult per model, probes attached, in the order given.
+        opinions: with a judge, per result (same order) ``{"model", "opinions"}``; else empty.
+        entry: the registry entry's directory; None when nothing was recorded.
+    """
+
+    results: list[RubricResult]
+    opinions: list[dict] = field(default_factory=list)
+    entry: Path | None = None
+
+
+def evaluate_persona(
+    persona: Persona | PersonaDir,
+    models: Sequence[str],
+    ui,
+    *,
+    labels: Sequence[str] | None = None,
+    generation: GenerationConfig | None = None,
+    sampling: Sampling | None = None,
+    probes: bool = True,
+    probe_max_new_tokens: int = 128,
+    judge: str | None = None,
+    runs: Path | None = None,
+) -> Evaluation:
+    """``molting eval``: the rubric (and probes) on each model, a judge's second opinion, the record.
+
+    Args:
+        persona: a loaded persona directory (or a Persona, its rubric and probes read here).
+        models: GGUF files, model/adapter/run directories or embedded names
+            (``molting.backends.load_backend``); the first is the reference for retention.
+        ui: ``step`` and ``bar`` (see :func:`run`).
+        labels: one column name per model (default ``target_labels``).
+        generation, sampling: decoding of every model (defaults: ``GenerationConfig()``, ``Sampling()``).
+        probes: also ask the held-out probes, answers cut at ``probe_max_new_tokens``.
+        judge: a model that grades every greedy answer too (``molting.eval.model_judge``); its
+            opinions are recorded beside the results.
+        runs: the registry to record the command in, after the judge; None records nothing.
+
+    Raises:
+        ConfigError: labels that do not fit the models; ModelFileError: a model that cannot be opened.
+    """
+    loaded = persona_dir(persona)
+    generation, sampling = generation or GenerationConfig(), sampling or Sampling()
+    targets = dict(zip(target_labels(models, labels), models, strict=True))
+    opener = {label: (lambda m=m: backends.load_backend(m)) for label, m in targets.items()}
+    probe_set = loaded.probes if probes else None
+    probe_config = replace(generation, max_new_tokens=min(generation.max_new_tokens, probe_max_new_tokens))
+    results = evaluate_targets(
+        loaded.persona, loaded.rubric, opener, generation, sampling, ui, probe_set, probe_config
+    )
+    opinions = [_second_opinion(judge, loaded, result, ui) for result in results] if judge else []
+    entry = None
+    if runs is not None:
+        settings = registry.config_dict(
+            generation=generation, sampling=sampling, models=targets, train=training_config(models[0])
+        )
+        entry = registry.record(runs, loaded.persona, "eval", settings, results, opinions=opinions or None).root
+    return Evaluation(results, opinions, entry)
+
+
+def _second_opinion(judge: str, persona: PersonaDir, result: RubricResult, ui) -> dict:
+    """``{"model", "opinions"}``: ``judge`` grading ``result``'s greedy answers."""
+    ui.step(f"{judge}'s second opinion on {result.label}")
+    backend = backends.load_backend(judge)
+    try:
+        opinions = model_opinions(backend, persona.persona, persona.rubric, result)
+    finally:
+        backend.close()
+    return {"model": judge, "opinions": [asdict(o) for o in opinions]}
 
 
 def export_gguf(
@@ -269,147 +377,11 @@ def export_gguf(
     ui,
     keep_f16: bool = False,
     verify: VerifyConfig | None = VerifyConfig(),  # noqa: B008 (frozen dataclass)
+    rubric: Rubric | None = None,
 ) -> ExportResult:
-    """Write ``merged`` as GGUF F16 with ``persona``'s prompt inside, quantize it, and check the result.
-
-    The check (``molting.export.verify``) compares every file written with the merged model on
-    the persona's text; an F16 that fails it ends the export before quantization, and no file is
-    left. The table is printed (``ui.verify``) and written beside the file as
-    ``<stem>.verify.json``.
-
-    Args:
-        persona: supplies ``general.name``, the system prompt baked into the chat template,
-            and the rubric and dataset the check runs on.
-        merged: a merged model directory (``merge_adapter``).
-        target: the final ``.gguf``, or a function of the quant type giving it (which names the
-            ``auto`` choice by its type). The F16 intermediate is written beside it.
-        quant: a ``molting.export.QUANT_TYPES`` key, or ``"auto"``: quantize to
-            ``AUTO_CANDIDATES`` smallest first and keep the first whose mean KL is at most
-            ``verify.auto_max_kl`` (the F16 if none is); ``"F16"`` writes ``target`` directly.
-        ui: as in :func:`run` (``step``, ``bar``, and ``verify(report)``).
-        keep_f16: keep the F16 intermediate next to ``target``.
-        verify: the check's settings; None skips it (``--no-verify``).
-
-    Raises:
-        ExportError: the F16 fails the check, ``auto`` without ``verify``, or a step fails.
-    """
-    from molting.export import QUANT_TYPES
-
-    quant = quant.upper()
-    if quant != "AUTO" and quant not in QUANT_TYPES:
-        raise ExportError(f"unknown quantization type {quant!r}; allowed: auto, {', '.join(QUANT_TYPES)}")
-    if quant == "AUTO" and verify is None:
-        raise ExportError("--quant auto chooses by the check's numbers; it cannot run with --no-verify")
-    final_for, name_for = _names(target, quant, persona.slug)
-    f16 = name_for("F16")
-    written: list[Path] = []  # files this export completed: removed again if it fails
-    try:
-        result = _write_and_check(persona, merged, f16, quant, name_for, ui, verify, written)
-        final = final_for(result.quant)
-        if result.path != final:
-            result.path.replace(final)
-            result.path = final
-            written.append(final)
-            if result.check is not None:
-                result.check.get(result.quant).path = str(final)
-        if result.check is not None:
-            _stop_check(persona, result, ui, verify)
-            result.check.write_json(final.with_name(f"{final.name.removesuffix('.gguf')}.verify.json"))
-            ui.verify(result.check)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-    for path in written:
-        if path == result.path:
-            continue
-        if keep_f16 and path == f16:
-            path.replace(final_for("F16").with_name(f"{persona.slug}.F16.gguf"))
-        else:
-            path.unlink(missing_ok=True)
-    return result
-
-
-def _names(target: Path | Callable[[str], Path], quant: str, slug: str):
-    """``(final_for, name_for)``: the final path of a quant type, and where it is first written.
-
-    A fixed ``target`` is written directly when it is the asked type. Everything else (the F16
-    intermediate, ``auto``'s candidates) is written under a private name beside it
-    (``.<slug>.<QUANT>.<pid>.gguf``), so that no file a user already has there, such as an
-    earlier export's ``<slug>.F16.gguf``, is overwritten or removed.
-    """
-    final_for = target if callable(target) else (lambda q: Path(target))
-
-    def name_for(q: str) -> Path:
-        if not callable(target) and q == quant:
-            return Path(target)
-        return final_for(q).with_name(f".{slug}.{q}.{os.getpid()}.gguf")
-
-    return final_for, name_for
-
-
-def _write_and_check(persona, merged: Path, f16: Path, quant: str, name_for, ui, verify, written) -> ExportResult:
-    """F16, its check, then the quantized file(s) and theirs; every file written goes into ``written``."""
-    from molting.export import write_gguf
-
-    ui.step(f"Writing GGUF F16 with the chat template and {persona.name}'s system prompt")
-    with ui.bar("GGUF F16", None) as advance:
-        write_gguf(merged, f16, system_prompt=persona.system_prompt, name=persona.name, progress=advance)
-    written.append(f16)
-    checker = _Checker(persona, merged, ui, verify) if verify else None
-    report = checker.report if checker else None
-    if checker:
-        check_unquantized(checker.check(f16, "F16"), verify)
-    if quant == "F16":
-        return ExportResult(f16, "F16", report)
-    candidates = AUTO_CANDIDATES if quant == "AUTO" else (quant,)
-    for candidate in candidates:
-        path = _quantize(f16, name_for(candidate), candidate, ui, written)
-        if quant != "AUTO":
-            if checker:
-                checker.check(path, candidate)
-            return ExportResult(path, candidate, report)
-        if checker.check(path, candidate).mean_kl <= verify.auto_max_kl:
-            break
-    chosen = choose_quant(report.files, verify.auto_max_kl) or report.get("F16")
-    report.chosen, report.auto_max_kl = chosen.quant, verify.auto_max_kl
-    return ExportResult(Path(chosen.path), chosen.quant, report)
-
-
-def _quantize(f16: Path, path: Path, quant: str, ui, written: list[Path]) -> Path:
-    from molting.export import quantize
-
-    ui.step(f"Quantizing to {quant} with llama.cpp's quantizer")
-    with ui.bar(f"GGUF {quant}", None) as advance:
-        quantize(f16, path, quant, progress=advance)
-    written.append(path)
-    return path
-
-
-class _Checker:
-    """The reference distributions, computed once, and each file's comparison with them."""
-
-    def __init__(self, persona: Persona, merged: Path, ui, verify: VerifyConfig):
-        from transformers import AutoTokenizer
-
-        from molting.eval import load_rubric
-
-        self.ui, self.verify = ui, verify
-        ui.step("Behaviour check: next-token distributions of the merged model on the persona's text")
-        tokenizer = AutoTokenizer.from_pretrained(merged)
-        self.texts = persona_texts(persona, load_rubric(persona), tokenizer, verify.max_positions)
-        self.reference = reference_logprobs(merged, self.texts)
-        positions = sum(len(ids) - start for ids, start in self.texts)
-        self.report = VerifyReport("the merged transformers model (fp32)", len(self.texts), positions)
-
-    def check(self, path: Path, quant: str, lora_path: Path | None = None) -> FileCheck:
-        """Compare ``path`` (with the adapter ``lora_path`` applied, when given: the check is then its)."""
-        self.ui.step(f"Behaviour check: {quant} in llama.cpp against the merged model")
-        top1, mean_kl, max_kl = compare_gguf(path, self.texts, self.reference, self.verify.n_threads, lora_path)
-        checked = lora_path or path
-        check = FileCheck(quant, str(checked), checked.stat().st_size, top1, mean_kl, max_kl)
-        self.report.files.append(check)
-        return check
+    """``molting.export.export_gguf`` with the persona's rubric read when none is given (kept for callers)."""
+    rubric = rubric or (load_rubric(persona) if verify is not None else None)
+    return _export_gguf(persona, merged, target, quant, ui, keep_f16, verify, rubric)
 
 
 def export_adapter_gguf(
@@ -419,63 +391,11 @@ def export_adapter_gguf(
     target: Path,
     ui,
     verify: VerifyConfig | None = VerifyConfig(),  # noqa: B008 (frozen dataclass)
+    rubric: Rubric | None = None,
 ) -> ExportResult:
-    """Write a LoRA adapter as llama.cpp's adapter GGUF (``write_lora_gguf``) and check it.
-
-    The check merges the adapter into the base and writes the base as F16 GGUF, both in a
-    temporary directory beside ``target``, then compares base F16 + adapter in llama.cpp with
-    the merged model in transformers under the F16 gate (``check_unquantized``); a failure
-    removes ``target``. The table is printed and saved as ``<stem>.verify.json``.
-
-    Args:
-        persona: names the file (``general.name``) and supplies the text of the check.
-        base_dir: the base model directory the adapter was trained on.
-        adapter: the peft adapter directory.
-        target: the adapter ``.gguf``.
-        ui: ``step``, ``bar`` and ``verify(report)``, as in :func:`run`.
-        verify: the check's settings; None skips it.
-
-    Raises:
-        ExportError: the adapter does not fit the base, or base + adapter fails the check.
-    """
-    import tempfile
-
-    from molting.export import merge_adapter, write_gguf, write_lora_gguf
-
-    target = Path(target)
-    ui.step(f"Writing {persona.name}'s LoRA adapter as a llama.cpp adapter GGUF")
-    with ui.bar("LoRA adapter GGUF", None) as advance:
-        write_lora_gguf(adapter, base_dir, target, name=persona.name, progress=advance)
-    if verify is None:
-        return ExportResult(target, "LoRA", None)
-    try:
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            merged = merge_adapter(base_dir, adapter, Path(tmp) / "merged")
-            ui.step("Writing the base as GGUF F16, for the check")
-            with ui.bar("GGUF F16 (base)", None) as advance:
-                base_gguf = write_gguf(base_dir, Path(tmp) / "base.F16.gguf", progress=advance)
-            checker = _Checker(persona, merged, ui, verify)
-            check_unquantized(checker.check(base_gguf, "F16 + LoRA", lora_path=target), verify)
-        checker.report.write_json(target.with_name(f"{target.name.removesuffix('.gguf')}.verify.json"))
-    except BaseException:
-        target.unlink(missing_ok=True)
-        raise
-    ui.verify(checker.report)
-    return ExportResult(target, "LoRA", checker.report)
-
-
-def _stop_check(persona: Persona, result: ExportResult, ui, verify: VerifyConfig) -> None:
-    """The stop-and-leak test on the file the export keeps; a failure is reported, not raised."""
-    from molting.backends.llamacpp import LlamaCppBackend
-    from molting.eval import load_rubric
-
-    ui.step(f"Behaviour check: do {result.quant}'s answers stop by themselves, without template tokens?")
-    backend = LlamaCppBackend(result.path, n_ctx=2048, n_threads=verify.n_threads)
-    try:
-        stop = stop_and_leak(backend, persona, load_rubric(persona), verify.generation)
-    finally:
-        backend.close()
-    result.check.get(result.quant).stop = stop
+    """``molting.export.export_adapter_gguf`` with the persona's rubric read when none is given."""
+    rubric = rubric or (load_rubric(persona) if verify is not None else None)
+    return _export_adapter_gguf(persona, base_dir, adapter, target, ui, verify, rubric)
 
 
 def llama_cli_command(gguf: Path, generation: GenerationConfig) -> str:
@@ -503,8 +423,6 @@ def _write_modelfile(persona: Persona, gguf: Path, generation: GenerationConfig,
 
 
 def _write_report(persona, config: RunConfig, record, results: dict, export: ExportResult, out: Path) -> Path:
-    from molting.run_report import run_report
-
     gguf = export.path
     text = run_report(
         persona=persona,
@@ -524,8 +442,6 @@ def _write_report(persona, config: RunConfig, record, results: dict, export: Exp
 
 def _register(persona: Persona, config: RunConfig, record, results: dict, artifacts: dict) -> Path | None:
     """Record the run in ``config.registry`` (``molting compare`` reads it); the entry's directory."""
-    from molting import registry
-
     if config.registry is None:
         return None
     settings = registry.config_dict(

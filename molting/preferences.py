@@ -15,31 +15,18 @@ examples ("João não é meu filho") backwards under plain SFT: a pair says "thi
 without putting the wrong sentence among the answers to imitate.
 
 Validation is as strict as the dataset's (:func:`molting.data.parse_line`): every problem is a
-``DatasetError`` naming the file, the line and the field. :func:`lint_preferences` reads the
-chosen answers as :func:`molting.data.lint_dataset` reads the dataset's.
+``DatasetError`` naming the file, the line and the field. :func:`molting.lint.lint_preferences`
+reads the chosen answers as :func:`molting.lint.lint_dataset` reads the dataset's.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from molting.data import (
-    BudgetReport,
-    Conversation,
-    LintFinding,
-    Rules,
-    check_message,
-    evaluation_prompts,
-    labelled,
-    lint_turns,
-    read_lines,
-    token_budget,
-    with_system_prompt,
-)
+from molting.data import BudgetReport, Conversation, check_message, read_lines, token_budget, with_system_prompt
 from molting.errors import DatasetError
 
 KINDS = ("identity-collapse", "role-swap", "pasted-prompt", "invented-facts", "other")
@@ -158,51 +145,3 @@ def preference_budget(tokenizer, pairs: list[Preference], system_prompt: str, ma
     lengths = [max(both.lengths[i], both.lengths[i + 1]) for i in range(0, len(both.lengths), 2)]
     over = [(i, n - max_length) for i, n in enumerate(lengths, start=1) if n > max_length]
     return BudgetReport(max_length, both.system_tokens, lengths, over)
-
-
-def lint_preferences(
-    path: str | Path,
-    language: str,
-    forbidden: Iterable[str] = (),
-    self_names: Iterable[str] = (),
-    rubric_prompts: Iterable[str] = (),
-    wrong: Iterable[Iterable[str]] = (),
-    budget: BudgetReport | None = None,
-    held_out: Iterable[str] = (),
-) -> list[LintFinding]:
-    """Read the pairs for what DPO should not push the model towards, before training.
-
-    The **chosen** answers (and any assistant turns of the prompt) get ``lint_dataset``'s checks:
-    template tokens, a forbidden identity claimed in any person, a persona-wide ``wrong``
-    statement (errors), the wrong language (warning). A user turn that is a rubric question or a
-    held-out probe's prompt, verbatim or nearly, is an error, as in the dataset: the rubric and
-    the probes would measure recall of the pairs. A pair repeated from an earlier line and a pair
-    the token budget truncates are warnings. The rejected answers are not linted: they are meant to be wrong.
-
-    Args:
-        path: the ``preferences.jsonl`` file (read with ``load_preferences``).
-        language, forbidden, self_names, rubric_prompts, wrong, held_out: as for ``lint_dataset``.
-        budget: ``preference_budget`` of these pairs; its truncated pairs become warnings.
-
-    Returns:
-        Findings in line order; ``check`` names as ``lint_dataset``'s, field paths ``prompt[i]``
-        and ``chosen[0]``.
-
-    Raises:
-        DatasetError: the file cannot be read (see ``load_preferences``).
-    """
-    questions = evaluation_prompts(rubric_prompts, held_out)
-    rules = Rules(list(forbidden), list(self_names), [list(g) for g in wrong])
-    findings, seen = [], {}
-    over = dict(budget.over) if budget is not None else {}
-    for index, pair in enumerate(load_preferences(path), start=1):
-        chosen = {"role": "assistant", "content": pair.chosen}
-        found = lint_turns([*labelled(pair.prompt, "prompt"), ("chosen[0]", chosen)], language, rules, questions)
-        key = json.dumps([pair.prompt, pair.chosen, pair.rejected], ensure_ascii=False)
-        if key in seen:
-            found.append(("duplicate", f"repeats line {seen[key]}", "warning"))
-        seen.setdefault(key, pair.line)
-        if index in over:
-            found.append(("truncated", f"{over[index]} tokens over max_length {budget.max_length}", "warning"))
-        findings += [LintFinding(Path(path), pair.line, *item) for item in found]
-    return findings

@@ -17,27 +17,34 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from molting.errors import ConfigError
+from molting.eval.report import compare_runs, retention_table
+from molting.eval.results import RubricResult
 from molting.io import atomic_path
-
-if TYPE_CHECKING:
-    from molting.eval.rubric import RubricResult
-    from molting.persona import Persona
+from molting.persona import Persona
+from molting.persona_dir import LABELLED_FILE, PERSONA_FILES
+from molting.plots import scores_chart
+from molting.versions import PACKAGES, package_versions  # noqa: F401 (kept importable from here)
 
 ENTRY_FILE = "entry.json"
 RESULTS_DIR = "results"
 SCORES_PNG = "scores.png"
 KINDS = ("run", "train", "eval")
-PACKAGES = ("molting", "torch", "transformers", "peft", "trl", "bitsandbytes", "llama-cpp-python", "gguf")
+# The persona's files by the key of their hash in ``Entry.hashes`` (``persona_hashes``).
+HASHED_FILES = {
+    "persona_sha256": PERSONA_FILES[0],
+    "dataset_sha256": PERSONA_FILES[1],
+    "preferences_sha256": PERSONA_FILES[2],
+    "rubric_sha256": PERSONA_FILES[3],
+    "probes_sha256": PERSONA_FILES[4],
+    "labelled_sha256": LABELLED_FILE,
+}
 
 
 @dataclass
@@ -49,8 +56,10 @@ class Entry:
         kind: "run", "train" or "eval" (KINDS).
         created: UTC time, ISO 8601.
         persona: the persona's name; ``persona_dir`` its directory as given.
-        hashes: ``dataset_sha256`` (of the parsed examples, so a BOM/CRLF copy hashes
-            the same), ``persona_sha256`` and ``rubric_sha256`` (of the files' bytes; None when absent).
+        hashes: one SHA-256 per file of the persona directory (``HASHED_FILES``): ``dataset_sha256``
+            of the parsed examples (so a BOM/CRLF copy hashes the same), the others of the files'
+            bytes; None for a file that is absent. Entries written before preferences.jsonl,
+            probes.yaml and labelled.jsonl were hashed lack those keys.
         config: the command's settings, nested (``train``, ``generation``, ``sampling``, ``models``;
             an ``eval`` entry's ``train`` is the training config of its first model, when a
             ``run.json`` lies beside it).
@@ -88,8 +97,6 @@ class Entry:
         Raises:
             ConfigError: the entry has no results, or none under ``label`` (the message lists them).
         """
-        from molting.eval.rubric import RubricResult
-
         label = label or self.primary
         found = [r for r in self.results if r["label"] == label]
         if not found:
@@ -99,8 +106,13 @@ class Entry:
         return RubricResult.from_dict(data)
 
     def settings(self) -> dict:
-        """Flat ``{"train.r": 16, "generation.max_new_tokens": 200, "dataset_sha256": "…", ...}``."""
-        flat = {"kind": self.kind, **{k: (v[:12] if v else v) for k, v in self.hashes.items()}}
+        """Flat ``{"train.r": 16, "generation.max_new_tokens": 200, "file dataset.jsonl": "…", ...}``.
+
+        The persona's files appear by name (``file probes.yaml``) with the first 12 hex digits of
+        their hash, so that ``molting compare`` names the file that differs between two runs.
+        """
+        hashes = {f"file {HASHED_FILES.get(k, k)}": (v[:12] if v else v) for k, v in self.hashes.items()}
+        flat = {"kind": self.kind, **hashes}
         flat.update(_flatten(self.config))
         return flat
 
@@ -119,21 +131,25 @@ def record(
     primary: str | None = None,
     artifacts: dict | None = None,
     loss: list[dict] | None = None,
+    opinions: Sequence[dict] | None = None,
 ) -> Entry:
     """Write a new entry under ``root`` and return it.
 
     Args:
         root: the registry directory (``runs``); created if missing.
-        persona: the persona the command ran on (hashed: dataset, persona.yaml, rubric.yaml).
+        persona: the persona the command ran on (every file of its directory hashed: ``persona_hashes``).
         kind: one of KINDS.
         config: the command's settings as a JSON-ready nested dict.
         results: rubric results to keep, in column order.
         primary: the label ``compare`` uses by default; default the first result's.
         artifacts: name -> path of files the command wrote elsewhere.
         loss: training loss per step.
+        opinions: a judge model's second opinion per result (``{"model", "opinions"}``, in the
+            results' order), saved in each result's file under ``judge``.
 
     Raises:
-        ConfigError: ``kind`` not in KINDS, or ``primary`` not among the results' labels.
+        ConfigError: ``kind`` not in KINDS, ``primary`` not among the results' labels, or
+            ``opinions`` not one per result.
     """
     if kind not in KINDS:
         raise ConfigError(f"registry kind {kind!r} not in {KINDS}")
@@ -141,6 +157,8 @@ def record(
     primary = primary or (labels[0] if labels else None)
     if primary is not None and primary not in labels:
         raise ConfigError(f"primary result {primary!r} not among {labels}")
+    if opinions is not None and len(opinions) != len(results):
+        raise ConfigError(f"{len(opinions)} judge opinions for {len(results)} results: give one per result")
     root = Path(root)
     now = datetime.now(timezone.utc)
     entry_id = _new_id(root, f"{now:%Y%m%d-%H%M%S}-{persona.slug}-{kind}")
@@ -161,11 +179,10 @@ def record(
     )
     with atomic_path(root / entry_id, directory=True) as tmp:
         (tmp / RESULTS_DIR).mkdir()
-        for result, file in zip(results, files, strict=True):
-            (tmp / file).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+        for i, (result, file) in enumerate(zip(results, files, strict=True)):
+            saved = result.to_dict() | ({"judge": opinions[i]} if opinions else {})
+            (tmp / file).write_text(json.dumps(saved, indent=2, ensure_ascii=False), encoding="utf-8")
         if results:
-            from molting.plots import scores_chart
-
             scores_chart(results, tmp / SCORES_PNG)
         (tmp / ENTRY_FILE).write_text(json.dumps(entry.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
     entry.root = root / entry_id
@@ -206,10 +223,6 @@ def comparison(refs: Sequence[str | Path], root: str | Path = "runs", model: str
         ConfigError: a run is not registered, or lacks the result asked for.
         ValueError: the runs' rubrics differ, or one run holds a single result.
     """
-    from dataclasses import replace
-
-    from molting.eval.report import compare_runs, retention_table
-
     picked = [_split_ref(ref, root) for ref in refs]
     if len(picked) == 1 and picked[0][1] is None:
         entry = picked[0][0]
@@ -239,26 +252,20 @@ def list_ids(root: str | Path = "runs") -> list[Path]:
 
 
 def persona_hashes(persona: Persona) -> dict:
-    """SHA-256 of the parsed dataset and of ``persona.yaml`` and ``rubric.yaml`` (None when a file is absent)."""
-    from molting.persona import PERSONA_FILE, RUBRIC_FILE
+    """SHA-256 of every file that makes the persona (``HASHED_FILES``; None when a file is absent).
 
+    The dataset is hashed as parsed (its examples as canonical JSON), so that a copy saved with a
+    byte-order mark or CRLF line ends hashes the same; the other files as bytes.
+    """
     canonical = json.dumps(persona.examples, ensure_ascii=False, sort_keys=True).encode("utf-8")
-    hashes = {"dataset_sha256": hashlib.sha256(canonical).hexdigest()}
-    for key, name in (("persona_sha256", PERSONA_FILE), ("rubric_sha256", RUBRIC_FILE)):
+    hashes = {}
+    for key, name in HASHED_FILES.items():
         path = persona.root / name if persona.root else None
-        hashes[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
+        if key == "dataset_sha256":
+            hashes[key] = hashlib.sha256(canonical).hexdigest()
+        else:
+            hashes[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
     return hashes
-
-
-def package_versions() -> dict:
-    """Python and the installed versions of PACKAGES (None for a package not installed)."""
-    found = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def config_dict(**parts: object) -> dict:

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from molting.eval.probes import failures_section, probes_table
+from molting.eval.report import compare, reasons_section, rubric_table
+from molting.plots import loss_chart, scores_chart
+
 LOSS_PNG = "loss.png"
 SCORES_PNG = "scores.png"
 
@@ -91,8 +95,6 @@ def _budget(budget: dict) -> str:
 
 
 def _loss(loss: list[dict], out: Path) -> str:
-    from molting.plots import loss_chart
-
     if not loss:
         return "## Loss\n\nNo loss was logged.\n"
     values = [entry["loss"] for entry in loss]
@@ -127,9 +129,6 @@ def _preferences(record, train_config: dict) -> str:
 
 
 def _rubric(results: dict, generation: dict, out: Path) -> str:
-    from molting.eval.report import rubric_table
-    from molting.plots import scores_chart
-
     scores_chart(list(results.values()), out / SCORES_PNG)
     sampling = next(iter(results.values())).sampling
     return (
@@ -141,8 +140,6 @@ def _rubric(results: dict, generation: dict, out: Path) -> str:
 
 def _probes(results: dict) -> str:
     """Held-out probes: pass rate per kind for every model (and the GGUF without system prompt), the failures."""
-    from molting.eval.probes import failures_section, probes_table
-
     probed = [p for result in results.values() for p in result.probes]
     if not probed:
         return ""
@@ -167,8 +164,6 @@ def _export_check(check) -> str:
 
 
 def _comparisons(results: dict) -> str:
-    from molting.eval.report import compare
-
     labels = list(results)
     parts = [
         f"### {after} vs {before}\n\n{compare(results[before], results[after]).to_markdown()}\n"
@@ -178,8 +173,6 @@ def _comparisons(results: dict) -> str:
 
 
 def _answers(results: dict) -> str:
-    from molting.eval.report import reasons_section
-
     return "\n".join(f"## Answers: {label}\n\n{reasons_section(result)}" for label, result in results.items())
 
 

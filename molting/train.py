@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
@@ -34,8 +34,8 @@ from molting.modelfiles import check_adapter_dir, parameter_count
 from molting.models import SOURCE_FILE, resolve_base_model
 from molting.persona import DATASET_FILE, PREFERENCES_FILE, Persona
 from molting.preferences import preference_budget
-from molting.registry import package_versions
 from molting.templates import training_template
+from molting.versions import package_versions
 
 # Every linear layer of a decoder block: Llama's (SmolLM2, TinyLlama, Qwen2) and Phi-3's fused
 # qkv_proj and gate_up_proj. peft adapts the names a model has and skips the others.
@@ -176,11 +176,49 @@ class RunRecord:
     versions: dict = field(default_factory=dict)
 
 
+@dataclass
+class TrainingData:
+    """What ``train`` reads its persona with, computed once per run (``prepare``).
+
+    Attributes:
+        config: the decided config (``resolve_config``).
+        tokenizer: the base model's tokenizer with its training chat template.
+        budget: the examples' token budget with the training system prompt.
+        pair_budget: the preference pairs' budget (``preference_budget``); None without pairs.
+    """
+
+    config: TrainConfig
+    tokenizer: Any
+    budget: BudgetReport
+    pair_budget: BudgetReport | None = None
+
+
+def prepare(persona: Persona, config: TrainConfig | None = None) -> TrainingData:
+    """Load the training tokenizer once and count the token budgets ``train`` will face.
+
+    ``molting run`` and ``molting train`` lint with these budgets, then hand the same object
+    to ``train``: the tokenizer is loaded and the budget counted once per run.
+
+    Raises:
+        ConfigError: the persona has no examples, or ``method="dpo"`` and no preferences.
+        ModelFileError: finetuning "auto" and the base model has no weights to count.
+    """
+    config = resolve_config(config or TrainConfig())
+    _check_data(persona, config)
+    tokenizer = _training_tokenizer(resolve_base_model(config.base_model))
+    budget = token_budget(tokenizer, persona.examples, persona.train_system_prompt, config.max_length)
+    pairs = None
+    if persona.preferences:
+        pairs = preference_budget(tokenizer, persona.preferences, persona.train_system_prompt, config.max_length)
+    return TrainingData(config, tokenizer, budget, pairs)
+
+
 def train(
     persona: Persona,
     output_dir: str | Path,
     config: TrainConfig | None = None,
     on_step: Callable[[int, int, dict], None] | None = None,
+    data: TrainingData | None = None,
 ) -> RunRecord:
     """Fine-tune ``config.base_model`` on ``persona.examples`` with LoRA or every weight
     (``config.finetuning``); with ``method="dpo"``, then on ``persona.preferences`` with DPO, in
@@ -193,6 +231,8 @@ def train(
         config: hyperparameters; TrainConfig() if None.
         on_step: called as on_step(step, total_steps, logs) after each optimizer step, for
             the SFT steps and then, counting from 1 again, the DPO steps.
+        data: ``prepare(persona, config)``, when the caller already has it (its config is
+            then the one trained); None prepares it here.
 
     Returns:
         The run record (also written to ``output_dir/run.json``).
@@ -201,17 +241,14 @@ def train(
         ConfigError: no examples, ``method="dpo"`` without ``preferences.jsonl``, 4-bit asked
             without CUDA, an unsupported chat template.
     """
-    config = resolve_config(config or TrainConfig())
-    _check_data(persona, config)
+    data = data or prepare(persona, config)
+    config, tokenizer = data.config, data.tokenizer
     model_dir = resolve_base_model(config.base_model)
-    tokenizer = _training_tokenizer(model_dir)
-    budget = token_budget(tokenizer, persona.examples, persona.train_system_prompt, config.max_length)
     device, quantization = _placement("none" if config.finetuning == "full" else config.quantization)
     model = _load_model(model_dir, quantization)
-    record = RunRecord(asdict(config), device, quantization, budget.summary(), versions=package_versions())
+    record = RunRecord(asdict(config), device, quantization, data.budget.summary(), versions=package_versions())
     if config.method == "dpo":
-        pairs = preference_budget(tokenizer, persona.preferences, persona.train_system_prompt, config.max_length)
-        record.pair_budget = pairs.summary()
+        record.pair_budget = data.pair_budget.summary()
     scratch = tempfile.mkdtemp(prefix="molting-trainer-")  # the trainers' own files; not kept
     common = _common_args(config, device, quantization, scratch)
     if device == "cuda":

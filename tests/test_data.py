@@ -108,7 +108,8 @@ PLANTED = {  # line -> (check, the defect)
 
 
 def lint_file(path, tokenizer):
-    from molting.data import lint_dataset, numbered_examples
+    from molting.data import numbered_examples
+    from molting.lint import lint_dataset
 
     conversations = [c for _, c in numbered_examples(path)]
     budget = token_budget(tokenizer, conversations, "Você é o Cláudio.", max_length=256)
@@ -134,7 +135,7 @@ def test_lint_finds_every_planted_defect_and_nothing_else(tmp_path, tiny_tokeniz
 
 
 def test_lint_errors_stop_training_and_the_example_persona_is_clean(tmp_path, tiny_tokenizer):
-    from molting.data import lint_persona, raise_on_lint_errors
+    from molting.lint import lint_persona, raise_on_lint_errors
     from molting.persona import Persona
 
     assert lint_persona(Persona.load("examples/claudio")) == []

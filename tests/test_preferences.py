@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 
 from molting.errors import ConfigError, DatasetError
-from molting.preferences import lint_preferences, load_preferences
+from molting.lint import lint_preferences
+from molting.preferences import load_preferences
 
 
 def pair(prompt, chosen, rejected, kind=None):
@@ -133,7 +134,7 @@ def test_pair_budget_counts_the_longer_answer_and_truncation_is_a_warning(tmp_pa
 def test_persona_reads_and_lints_its_preferences(tmp_path):
     import shutil
 
-    from molting.data import lint_persona
+    from molting.lint import lint_persona
     from molting.persona import Persona
 
     persona_dir = tmp_path / "claudio"

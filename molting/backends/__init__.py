@@ -10,6 +10,7 @@ from pathlib import Path
 
 from molting.backends.base import Backend, Chunk, GenerationConfig, Memory, Message, Response
 from molting.errors import ConfigError, ModelFileError
+from molting.models import EMBEDDED, embedded_gguf
 
 __all__ = ["Backend", "Chunk", "GenerationConfig", "Memory", "Message", "Response", "load_backend"]
 
@@ -29,8 +30,6 @@ def load_backend(model: str | Path, **options) -> Backend:
             (truncated or corrupt GGUF, wrong magic, no weights; see molting.modelfiles).
         ConfigError: nothing usable at ``model``.
     """
-    from molting.models import EMBEDDED, embedded_gguf
-
     if str(model) in EMBEDDED:
         return _llamacpp(embedded_gguf(str(model)), **options)
     path = Path(model)

@@ -25,7 +25,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import molting
 from molting.bench.measure import ENGINES, Job, Run
+from molting.bench.models import gguf_file, model_dir
+from molting.errors import ConfigError, ExportError
+from molting.fit import MIB, estimate, shape_from_gguf
+from molting.models import cache_dir
 
 VERSIONED = ("molting", "torch", "transformers", "llama-cpp-python", "gguf")
 
@@ -111,8 +116,6 @@ def run_job(job: Job, workdir: Path) -> Run:
     Raises:
         subprocess.CalledProcessError: the worker failed.
     """
-    import molting
-
     job_path = Path(tempfile.mkstemp(suffix=".json", prefix="job-", dir=workdir)[1])
     result_path = job_path.with_name(job_path.stem + "-result.json")
     job_path.write_text(json.dumps(asdict(job)), encoding="utf-8")
@@ -152,8 +155,6 @@ class BenchConfig:
 
 
 def _default_cache() -> Path:
-    from molting.models import cache_dir
-
     return cache_dir().parent / "bench"
 
 
@@ -163,9 +164,6 @@ def plan_cases(config: BenchConfig, progress: Callable[[str], None] = print) -> 
     Raises:
         ConfigError: an unknown engine or model.
     """
-    from molting.bench.models import gguf_file, model_dir
-    from molting.errors import ConfigError, ExportError
-
     unknown = set(config.engines) - set(ENGINES)
     if unknown:
         raise ConfigError(f"unknown engine(s) {sorted(unknown)}; allowed: {ENGINES}")
@@ -220,8 +218,6 @@ def _note(case: Case) -> str:
 
 def _rss_estimate(case: Case) -> float | None:
     """The planner's resident memory for a llama.cpp case on the CPU, in MiB; None otherwise."""
-    from molting.fit import MIB, estimate, shape_from_gguf
-
     if case.engine == "transformers" or case.job.n_gpu_layers != 0:
         return None
     job = case.job

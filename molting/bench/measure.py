@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from molting.backends import GenerationConfig, load_backend
 from molting.errors import ConfigError
 
 ENGINES = ("transformers", "llama.cpp", "llama.cpp raw")
@@ -169,8 +170,6 @@ def _no_repack(llama_cpp) -> None:
 
 def _backend(job: Job) -> tuple[float, float, float, int, int]:
     """(load_s, ttft_s, total_s, prompt tokens, completion tokens) through ``Backend.generate``."""
-    from molting.backends import GenerationConfig, load_backend
-
     start = time.perf_counter()
     if job.engine == "transformers":
         backend = load_backend(job.model, dtype=job.dtype)

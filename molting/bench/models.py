@@ -127,8 +127,9 @@ def gguf_file(name: str, quant: str, cache: Path, n_threads: int = 0) -> Path:
         ConfigError: unknown model. ExportError: the architecture cannot be exported yet
             (checked before a reference model is built).
     """
-    from molting.export import quantize, write_gguf
     from molting.export.architectures import get_architecture
+    from molting.export.gguf import write_gguf
+    from molting.export.quantize import quantize
 
     slug = Path(name).name
     target = Path(cache) / f"{slug}.{quant.upper()}.gguf"

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from molting.bench import Case, Report
+from molting.bench import Case, Report, measure
 from molting.io import atomic_path
 
 # (header, metric, format, which way is better: "min" for seconds and MiB, "max" for tokens/s)
@@ -62,8 +62,6 @@ def _fmt(fmt: str, value: float | None) -> str:
 
 def markdown(report: Report) -> str:
     """The whole report: settings, machine, the table, notes, skipped cases and the method."""
-    from molting.bench import measure
-
     notes = [f"- {c.label}: {c.note}" for c in report.cases if c.note]
     runs = [
         f"- {c.label}: prompt {c.runs[0].prompt_tokens} tokens; generated "

@@ -10,8 +10,10 @@ hand labels (``molting.eval.calibration``) and the one ``compare`` uses.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
+
+from molting.backends.base import GenerationConfig
 
 if TYPE_CHECKING:
     from molting.backends.base import Backend
@@ -106,10 +108,6 @@ def model_opinions(backend: Backend, persona: Persona, rubric: Rubric, result: R
         One Opinion per question, on its greedy answer (the one ``Persona.chat`` gives),
         in ``result``'s order.
     """
-    from dataclasses import replace
-
-    from molting.backends.base import GenerationConfig
-
     config = GenerationConfig(max_new_tokens=JUDGE_MAX_NEW_TOKENS, temperature=0.0, repetition_penalty=1.0)
     questions = {q.id: q for q in rubric.questions}
     opinions = []

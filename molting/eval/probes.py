@@ -29,19 +29,31 @@ pass rate measures the persona, not recall of its dataset.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
+from molting.backends.base import Backend, GenerationConfig, Message
 from molting.errors import PersonaError
 from molting.eval import checks
-from molting.eval.rubric import LOOP_THRESHOLD, Judge, load_rubric, phrase_groups
+from molting.eval.results import ProbeOutcome, ProbeResult
+from molting.eval.rubric import LOOP_THRESHOLD, Judge, Rubric, load_rubric, phrase_groups
+from molting.persona import LANGUAGES, Persona
 
-if TYPE_CHECKING:
-    from molting.backends.base import Backend, GenerationConfig, Message
-    from molting.persona import Persona
+__all__ = [  # ProbeOutcome and ProbeResult live in molting.eval.results; kept importable from here
+    "PROBES_FILE",
+    "Probe",
+    "ProbeOutcome",
+    "ProbeResult",
+    "ProbeSet",
+    "failures_section",
+    "load_probes",
+    "probe_failures",
+    "probes_table",
+    "rejudge",
+    "run_probes",
+]
 
 PROBES_FILE = "probes.yaml"
 # An answer whose 4-grams are more than this share copied from the system prompt pastes it back.
@@ -78,69 +90,6 @@ class ProbeSet:
     version: str
     probes: list[Probe]
     path: Path | None = None
-
-
-@dataclass
-class ProbeOutcome:
-    """One probe's answer and verdict: ``failures`` lists why it failed (empty when it passed)."""
-
-    id: str
-    kind: str
-    prompt: str
-    answer: str
-    failures: list[str]
-    finish_reason: str | None = None
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-
-@dataclass
-class ProbeResult:
-    """A model's answers to every probe.
-
-    Attributes:
-        label: the model's name in reports.
-        system_prompt: whether the persona's system prompt was sent (False: the model's own
-            default, which for molting's GGUF is the persona's prompt in its chat template).
-        outcomes: one per probe, in file order.
-    """
-
-    label: str
-    system_prompt: bool
-    outcomes: list[ProbeOutcome]
-
-    @property
-    def passed(self) -> int:
-        return sum(o.passed for o in self.outcomes)
-
-    @property
-    def pass_rate(self) -> float:
-        """Share of probes passed, in [0, 1]."""
-        return self.passed / len(self.outcomes) if self.outcomes else 0.0
-
-    def by_kind(self) -> dict[str, tuple[int, int]]:
-        """``{kind: (passed, asked)}`` in first-seen order."""
-        kinds: dict[str, tuple[int, int]] = {}
-        for outcome in self.outcomes:
-            passed, asked = kinds.get(outcome.kind, (0, 0))
-            kinds[outcome.kind] = (passed + outcome.passed, asked + 1)
-        return kinds
-
-    def to_dict(self) -> dict:
-        return {
-            "label": self.label,
-            "system_prompt": self.system_prompt,
-            "passed": self.passed,
-            "asked": len(self.outcomes),
-            "pass_rate": round(self.pass_rate, 4),
-            "outcomes": [asdict(o) for o in self.outcomes],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ProbeResult:
-        return cls(data["label"], data["system_prompt"], [ProbeOutcome(**o) for o in data["outcomes"]])
 
 
 def load_probes(source: Persona | str | Path) -> ProbeSet | None:
@@ -187,8 +136,8 @@ def _parse_probe(item: object, where: str) -> Probe:
     history = item.get("history") or []
     _check_history(history, f"{where}.history")
     language = item.get("language")
-    if language is not None and language not in ("pt", "en", "es"):
-        raise PersonaError(f"{where}.language: {language!r} not in ('pt', 'en', 'es')")
+    if language is not None and language not in LANGUAGES:
+        raise PersonaError(f"{where}.language: {language!r} not in {LANGUAGES}")
     return Probe(item["id"], item["kind"], item["prompt"].strip(), expect, list(forbid), list(history), language)
 
 
@@ -266,6 +215,7 @@ def run_probes(
     label: str = "model",
     system_prompt: bool = True,
     progress: Callable[[int], None] | None = None,
+    rubric: Rubric | None = None,
 ) -> ProbeResult:
     """Ask ``backend`` every probe (one greedy answer each by default) and judge the answers.
 
@@ -279,11 +229,11 @@ def run_probes(
         system_prompt: send the persona's system prompt (True), or none and let the model's
             chat template supply its default (False: a molting GGUF carries the persona's).
         progress: called with the number of probes answered so far.
+        rubric: the persona's rubric, for the judge's persona-wide checks (as loaded once by
+            ``molting.persona_dir.PersonaDir``); None reads it (``load_rubric(persona)``).
     """
-    from molting.backends.base import GenerationConfig
-
     config = config or GenerationConfig()
-    judge = Judge.for_persona(persona, load_rubric(persona))
+    judge = Judge.for_persona(persona, rubric or load_rubric(persona))
     conversations = [probe.messages(persona, system_prompt) for probe in probes.probes]
     responses = backend.generate_batch(conversations, config, progress=progress)
     outcomes = [
@@ -300,13 +250,15 @@ def run_probes(
     return ProbeResult(label, system_prompt, outcomes)
 
 
-def rejudge(result: ProbeResult, persona: Persona, probes: ProbeSet) -> ProbeResult:
+def rejudge(result: ProbeResult, persona: Persona, probes: ProbeSet, rubric: Rubric | None = None) -> ProbeResult:
     """``result``'s saved answers judged again by today's checks and ``probes`` (matched by id).
+
+    ``rubric``: the persona's, as loaded; None reads it (``load_rubric(persona)``).
 
     Raises:
         PersonaError: an answered probe id is no longer in ``probes``.
     """
-    judge = Judge.for_persona(persona, load_rubric(persona))
+    judge = Judge.for_persona(persona, rubric or load_rubric(persona))
     by_id = {p.id: p for p in probes.probes}
     outcomes = []
     for old in result.outcomes:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from molting.eval.rubric import QuestionResult, RubricResult
+from molting.eval.probes import probes_table
+from molting.eval.results import QuestionResult, RubricResult
 
 # A change in the mean score (0-10 per question) smaller than this is noise: one fact more or less.
 THRESHOLD = 0.5
@@ -280,8 +281,6 @@ def compare_runs(results: list[RubricResult], settings: list[dict] | None = None
         parts += ["## Changes\n", settings_table([r.label for r in results], settings), ""]
     parts += ["## Rubric per question\n", phase_table(results), ""]
     if all(r.probes for r in results):
-        from molting.eval.probes import probes_table
-
         probed = [replace(r.probes[0], label=r.label) for r in results]
         parts += ["## Held-out probes (pass / asked)\n", probes_table(probed), ""]
     steps = [compare(before, after) for before, after in zip(results, results[1:], strict=False)]

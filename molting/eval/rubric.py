@@ -54,23 +54,34 @@ spread says how much of a difference between two models is noise.
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
+from molting.backends.base import Backend, GenerationConfig
 from molting.errors import ConfigError, PersonaError
 from molting.eval import checks
+from molting.eval.results import MAX_SCORE, QuestionResult, QuestionScore, RubricResult
+from molting.persona import LANGUAGES, RUBRIC_FILE, Persona
 
-if TYPE_CHECKING:
-    from molting.backends.base import Backend, GenerationConfig
-    from molting.persona import Persona
+__all__ = [  # the result types live in molting.eval.results; kept importable from here
+    "MAX_SCORE",
+    "Judge",
+    "Question",
+    "QuestionResult",
+    "QuestionScore",
+    "Rubric",
+    "RubricResult",
+    "Sampling",
+    "default_rubric",
+    "evaluate",
+    "load_rubric",
+    "phrase_groups",
+    "rescore",
+]
 
-MAX_SCORE = 10.0
 FACT_POINTS = 6.0
 IDENTITY_POINTS = 1.0
 WRONG_PENALTY = 3.0
@@ -119,157 +130,6 @@ class Rubric:
     questions: list[Question]
     known_entities: list[str] = field(default_factory=list)
     wrong: list[list[str]] = field(default_factory=list)
-
-
-@dataclass
-class QuestionScore:
-    """One answer to a question and its score (``Judge.score``).
-
-    Attributes:
-        score: 0-10, one decimal.
-        reasons: why points were lost, one short phrase each; empty when none were.
-        checks: check name -> passed (``leak``, ``identity``, ``facts``, ``wrong``,
-            ``language``, ``truncated``, ``repetition``, ``entities``, ``fluency``, ``mixed``,
-            ``copying``, ``second-person``).
-        finish_reason: the backend's, "stop" or "length".
-    """
-
-    id: str
-    prompt: str
-    answer: str
-    score: float
-    reasons: list[str]
-    checks: dict[str, bool]
-    finish_reason: str | None = None
-
-
-@dataclass
-class QuestionResult:
-    """A question answered ``n`` times (greedy first, then seeded samples), each answer scored.
-
-    Attributes:
-        answers: one QuestionScore per answer, in the order asked: ``answers[0]`` is the
-            answer decoded with the evaluation's GenerationConfig as given (greedy by default).
-    """
-
-    id: str
-    prompt: str
-    answers: list[QuestionScore]
-
-    @property
-    def n(self) -> int:
-        """Number of answers."""
-        return len(self.answers)
-
-    @property
-    def mean(self) -> float:
-        """Mean score over the answers, 0-10."""
-        return round(statistics.fmean(a.score for a in self.answers), 2)
-
-    @property
-    def spread(self) -> float:
-        """Sample standard deviation of the answers' scores (0 with a single answer), in points."""
-        return round(statistics.stdev(a.score for a in self.answers), 2) if self.n > 1 else 0.0
-
-    @property
-    def greedy(self) -> QuestionScore:
-        """The first answer: the one decoded as configured (greedy by default)."""
-        return self.answers[0]
-
-    def failure_share(self, check: str) -> float:
-        """Share of the answers, 0-1, that failed ``check`` (a check an answer skipped counts as passed)."""
-        return sum(not a.checks.get(check, True) for a in self.answers) / self.n
-
-
-@dataclass
-class RubricResult:
-    """One model's answers to a rubric, scored. ``label`` names the model ("base", "GGUF Q4_K_M").
-
-    Attributes:
-        questions: per question, every answer and its score, in the rubric's order.
-        sampling: how the answers were drawn (``Sampling`` as a dict); empty when unknown.
-        probes: the same model's held-out probes (``molting.eval.probes.ProbeResult``), with the
-            persona's system prompt first and, where run, without it; empty when not run.
-    """
-
-    label: str
-    version: str
-    questions: list[QuestionResult]
-    sampling: dict = field(default_factory=dict)
-    probes: list = field(default_factory=list)
-
-    @property
-    def total(self) -> float:
-        """Sum of the questions' mean scores."""
-        return round(sum(q.mean for q in self.questions), 2)
-
-    @property
-    def max_total(self) -> float:
-        """10 per question."""
-        return MAX_SCORE * len(self.questions)
-
-    @property
-    def mean(self) -> float:
-        """Mean score per question, 0-10: the research log's "x/10" figure."""
-        return round(self.total / len(self.questions), 2) if self.questions else 0.0
-
-    @property
-    def noise(self) -> float:
-        """Standard error of ``mean`` from the per-question spreads, in points (0 with one answer each).
-
-        ``sqrt(sum(spread_q**2 / n_q)) / Q`` over the Q questions: how far the mean would
-        move if the same model were asked again with other seeds.
-        """
-        if not self.questions:
-            return 0.0
-        variance = sum(q.spread**2 / q.n for q in self.questions)
-        return round(math.sqrt(variance) / len(self.questions), 2)
-
-    def by_id(self) -> dict[str, QuestionResult]:
-        """Question id -> result."""
-        return {q.id: q for q in self.questions}
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict; ``from_dict`` reads it back."""
-        return {
-            "label": self.label,
-            "version": self.version,
-            "total": self.total,
-            "max_total": self.max_total,
-            "mean": self.mean,
-            "noise": self.noise,
-            "sampling": self.sampling,
-            "questions": [
-                {
-                    "id": q.id,
-                    "prompt": q.prompt,
-                    "mean": q.mean,
-                    "spread": q.spread,
-                    "answers": [asdict(a) for a in q.answers],
-                }
-                for q in self.questions
-            ],
-            "probes": [p.to_dict() for p in self.probes],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RubricResult:
-        """The inverse of ``to_dict`` (derived figures are recomputed).
-
-        Also reads the one-answer-per-question format written before sampling existed
-        (a ``scores`` list of QuestionScore dicts).
-        """
-        if "scores" in data and "questions" not in data:
-            answers = [QuestionScore(**s) for s in data["scores"]]
-            questions = [QuestionResult(a.id, a.prompt, [a]) for a in answers]
-            return cls(data["label"], data["version"], questions, {"n": 1})
-        from molting.eval.probes import ProbeResult
-
-        questions = [
-            QuestionResult(q["id"], q["prompt"], [QuestionScore(**a) for a in q["answers"]]) for q in data["questions"]
-        ]
-        probes = [ProbeResult.from_dict(p) for p in data.get("probes", [])]
-        return cls(data["label"], data["version"], questions, data.get("sampling", {}), probes)
 
 
 @dataclass(frozen=True)
@@ -325,8 +185,6 @@ def load_rubric(source: Persona | str | Path) -> Rubric:
         PersonaError: the file is missing (when given explicitly) or invalid; the message
             names the file and the field (``questions[2].facts[0]``).
     """
-    from molting.persona import RUBRIC_FILE, Persona
-
     if isinstance(source, Persona):
         path = source.root / RUBRIC_FILE if source.root else None
         if path is None or not path.is_file():
@@ -379,8 +237,6 @@ def _parse_rubric(data: object, path: Path) -> Rubric:
 
 
 def _parse_question(item: object, where: str) -> Question:
-    from molting.persona import LANGUAGES
-
     if not isinstance(item, dict):
         raise PersonaError(f"{where}: expected a mapping with id and prompt")
     unknown = sorted(set(item) - {"id", "prompt", "facts", "wrong", "language"})
@@ -635,8 +491,6 @@ def evaluate(
         progress: called with the number of answers generated so far, of
             ``len(rubric.questions) * sampling.n``.
     """
-    from molting.backends.base import GenerationConfig
-
     config = config or GenerationConfig()
     sampling = sampling or Sampling(n=1)
     judge = Judge.for_persona(persona, rubric)

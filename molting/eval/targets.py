@@ -7,18 +7,15 @@ export kept of the first. Models are opened one at a time and closed before the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from molting.backends.base import Backend, GenerationConfig
 from molting.errors import ConfigError
-from molting.eval.rubric import RubricResult, Sampling, evaluate
-
-if TYPE_CHECKING:
-    from molting.backends.base import Backend, GenerationConfig
-    from molting.eval.probes import ProbeResult, ProbeSet
-    from molting.eval.rubric import Rubric
-    from molting.persona import Persona
+from molting.eval.probes import ProbeResult, ProbeSet, run_probes
+from molting.eval.rubric import Rubric, RubricResult, Sampling, evaluate
+from molting.persona import Persona
 
 
 def target_label(model: str | Path) -> str:
@@ -40,8 +37,6 @@ def training_config(model: str | Path) -> dict | None:
     adapter (``X/adapter``), merged model (``X/merged``) and GGUF (``X/*.gguf``) find it
     one level up. None for anything else (an embedded model, a base model directory).
     """
-    import json
-
     path = Path(model)
     for candidate in (path / "run.json", path.parent / "run.json"):
         if candidate.is_file():
@@ -78,6 +73,7 @@ def evaluate_targets(
     ui,
     probes: ProbeSet | None = None,
     probe_config: GenerationConfig | None = None,
+    bare: bool = True,
 ) -> list[RubricResult]:
     """Evaluate each model in turn with the same decoding and sampling.
 
@@ -89,6 +85,7 @@ def evaluate_targets(
         probes: held-out probes to ask each model too (``molting.eval.probes``), with the system
             prompt, and on a llama.cpp model also without it (a GGUF's template carries it); None skips.
         probe_config: decoding of the probes (default ``config``).
+        bare: on a llama.cpp model, ask the probes also without the system prompt (False: only with it).
 
     Returns:
         One RubricResult per model, in ``models``' order, its probes attached.
@@ -103,19 +100,21 @@ def evaluate_targets(
                     backend, persona, rubric, config, label=label, sampling=sampling, progress=advance
                 )
             if probes is not None:
-                modes = (True, False) if backend.name == "llama.cpp" else (True,)
+                modes = (True, False) if bare and backend.name == "llama.cpp" else (True,)
                 decoding = probe_config or config
-                result.probes = [ask_probes(backend, persona, probes, decoding, label, m, ui) for m in modes]
+                result.probes = [
+                    ask_probes(backend, persona, probes, decoding, label, m, ui, rubric) for m in modes
+                ]
         finally:
             backend.close()
         results.append(result)
     return results
 
 
-def ask_probes(backend, persona, probes: ProbeSet, config, label: str, system_prompt: bool, ui) -> ProbeResult:
+def ask_probes(
+    backend, persona, probes: ProbeSet, config, label: str, system_prompt: bool, ui, rubric: Rubric | None = None
+) -> ProbeResult:
     """``run_probes`` behind a progress bar titled by the model (and "no system prompt" when so)."""
-    from molting.eval.probes import run_probes
-
     title = f"probes: {label}" + ("" if system_prompt else " (no system prompt)")
     with ui.bar(title, len(probes.probes)) as advance:
         return run_probes(
@@ -126,4 +125,5 @@ def ask_probes(backend, persona, probes: ProbeSet, config, label: str, system_pr
             label=label,
             system_prompt=system_prompt,
             progress=advance,
+            rubric=rubric,
         )

@@ -42,7 +42,9 @@ from typing import Any
 import numpy as np
 
 from molting.backends.base import GenerationConfig
+from molting.data import with_system_prompt
 from molting.errors import ExportError
+from molting.eval.checks import leaked_tokens
 from molting.io import atomic_path
 
 F16_MIN_TOP1 = 0.99
@@ -195,8 +197,6 @@ def persona_texts(persona: Any, rubric: Any, tokenizer: Any, max_positions: int)
     Raises:
         ExportError: the persona yields no text.
     """
-    from molting.data import with_system_prompt
-
     conversations = [(persona.messages(q.prompt), True) for q in rubric.questions]
     conversations += [(with_system_prompt(example, persona.system_prompt), False) for example in persona.examples]
     texts, taken = [], 0
@@ -341,8 +341,6 @@ def stop_and_leak(backend: Any, persona: Any, rubric: Any, generation: Generatio
         rubric: the questions.
         generation: the decoding; ``max_new_tokens`` is the limit a reply must stop before.
     """
-    from molting.eval.checks import leaked_tokens
-
     check = StopCheck(replies=len(rubric.questions), stopped=0)
     for question in rubric.questions:
         response = backend.generate(persona.messages(question.prompt), generation)

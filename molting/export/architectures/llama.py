@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 
 from molting.errors import ExportError
-from molting.export.architectures import named_tensors, register
+from molting.export.architectures.base import named_tensors, register
 
 _PERMUTED = {gguf.MODEL_TENSOR.ATTN_Q: "num_attention_heads", gguf.MODEL_TENSOR.ATTN_K: "num_key_value_heads"}
 

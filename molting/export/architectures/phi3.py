@@ -21,14 +21,14 @@ What llama.cpp's ``phi3`` reads (``src/models/phi3.cpp``, ``src/llama-model.cpp`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import gguf
 import numpy as np
 
 from molting.errors import ExportError
-from molting.export.architectures import named_tensors, register
+from molting.export.architectures.base import Architecture, register
 
 ROPE_TYPES = ("default", "longrope", "su")
 
@@ -55,7 +55,7 @@ def _is_longrope(params: dict) -> bool:
 
 
 @register("Phi3ForCausalLM")
-class Phi3:
+class Phi3(Architecture):
     """Phi-3 decoder: RMSNorm, fused QKV and gate/up projections, SwiGLU, NEOX RoPE, optional LongRoPE."""
 
     gguf_arch = gguf.MODEL_ARCH.PHI3
@@ -93,23 +93,6 @@ class Phi3:
         original = params["original_max_position_embeddings"]
         scale = params.get("factor") or config.max_position_embeddings / original
         return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
-
-    def tensors(self, state: Iterable[tuple[str, np.ndarray]], config: Any) -> Iterator[tuple[str, np.ndarray]]:
-        """Map HF tensors to GGUF names; fused projections stay fused, nothing is permuted.
-
-        Args:
-            state: ``(hf_name, array)`` pairs, arrays in HF's ``(out, in)`` layout.
-            config: the model's transformers config.
-
-        Yields:
-            ``(gguf_name, array)``, one per kept input; ``lm_head`` is dropped when
-            embeddings are tied.
-
-        Raises:
-            ExportError: a tensor with no GGUF name.
-        """
-        for _, gguf_name, array in named_tensors(self.gguf_arch, state, config):
-            yield gguf_name, array
 
     def extra_tensors(self, config: Any) -> Iterator[tuple[str, np.ndarray]]:
         """LongRoPE's per-dimension factors, ``(rope_dims / 2,)`` float32 each; none otherwise.

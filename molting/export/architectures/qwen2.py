@@ -9,14 +9,12 @@ recognised as ``tokenizer.ggml.pre = "qwen2"`` (``molting.export.tokenizer``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import gguf
-import numpy as np
 
 from molting.errors import ExportError
-from molting.export.architectures import named_tensors, register
+from molting.export.architectures.base import Architecture, register
 
 
 def _rope(config: Any) -> tuple[float, str, float | None]:
@@ -27,7 +25,7 @@ def _rope(config: Any) -> tuple[float, str, float | None]:
 
 
 @register("Qwen2ForCausalLM")
-class Qwen2:
+class Qwen2(Architecture):
     """Qwen2 decoder: RMSNorm, SwiGLU MLP, NEOX RoPE, grouped-query attention with QKV biases."""
 
     gguf_arch = gguf.MODEL_ARCH.QWEN2
@@ -62,24 +60,3 @@ class Qwen2:
         if rope_type == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(factor)
-
-    def tensors(self, state: Iterable[tuple[str, np.ndarray]], config: Any) -> Iterator[tuple[str, np.ndarray]]:
-        """Map HF tensors (weights and Q/K/V biases) to GGUF names, unchanged.
-
-        Args:
-            state: ``(hf_name, array)`` pairs, arrays in HF's ``(out, in)`` layout.
-            config: the model's transformers config.
-
-        Yields:
-            ``(gguf_name, array)``, one per kept input; ``lm_head`` is dropped when
-            embeddings are tied.
-
-        Raises:
-            ExportError: a tensor with no GGUF name.
-        """
-        for _, gguf_name, array in named_tensors(self.gguf_arch, state, config):
-            yield gguf_name, array
-
-    def extra_tensors(self, config: Any) -> Iterator[tuple[str, np.ndarray]]:
-        """None: everything ``qwen2`` needs is in the weights and the keys."""
-        return iter(())

@@ -1,0 +1,74 @@
+"""A persona directory, read and validated once.
+
+Every file that makes a persona is parsed here, one time, and the steps after take what was
+loaded (``molting run`` parses ``rubric.yaml`` and ``probes.yaml`` once each)::
+
+    persona.yaml       # molting.persona: who the persona is (unknown keys rejected)
+    dataset.jsonl      # molting.data: the training conversations
+    preferences.jsonl  # molting.preferences: optional DPO pairs
+    rubric.yaml        # molting.eval.rubric: the scored questions (default_rubric without it)
+    probes.yaml        # molting.eval.probes: optional held-out pass/fail probes
+    labelled.jsonl     # molting.eval.calibration: optional hand-labelled answers for the scorer
+
+The loader sits above both the data formats and ``molting.eval``: it is the one module that
+knows all six files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from molting.eval.calibration import Labelled, load_labelled
+from molting.eval.probes import PROBES_FILE, ProbeSet, load_probes
+from molting.eval.rubric import Rubric, load_rubric
+from molting.persona import DATASET_FILE, PERSONA_FILE, PREFERENCES_FILE, RUBRIC_FILE, Persona
+
+LABELLED_FILE = "labelled.jsonl"
+# Every file a persona directory may hold, in the order the registry hashes them.
+PERSONA_FILES = (PERSONA_FILE, DATASET_FILE, PREFERENCES_FILE, RUBRIC_FILE, PROBES_FILE, LABELLED_FILE)
+
+
+@dataclass
+class PersonaDir:
+    """Everything a persona directory holds, parsed and checked.
+
+    Attributes:
+        persona: persona.yaml with its dataset and preference pairs (``Persona.load``).
+        rubric: rubric.yaml, or ``default_rubric(persona)`` without one.
+        probes: probes.yaml; None without one.
+        labelled: labelled.jsonl (``molting.eval.calibration``); None without one.
+    """
+
+    persona: Persona
+    rubric: Rubric
+    probes: ProbeSet | None = None
+    labelled: list[Labelled] | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> PersonaDir:
+        """Read and validate every file of the persona directory ``path``.
+
+        Raises:
+            PersonaError: persona.yaml, rubric.yaml or probes.yaml missing a key, holding an
+                unknown one, or invalid (the message names the file and the field).
+            DatasetError: an invalid line of dataset.jsonl, preferences.jsonl or labelled.jsonl
+                (naming the file, the line and the field).
+        """
+        return cls.around(Persona.load(path))
+
+    @classmethod
+    def around(cls, persona: Persona) -> PersonaDir:
+        """The rest of the directory of an already loaded ``persona``: rubric, probes, labelled answers."""
+        labelled = persona.root / LABELLED_FILE if persona.root is not None else None
+        return cls(
+            persona,
+            load_rubric(persona),
+            load_probes(persona),
+            load_labelled(labelled) if labelled is not None and labelled.is_file() else None,
+        )
+
+
+def persona_dir(source: Persona | PersonaDir) -> PersonaDir:
+    """``source`` itself, or the directory around a loaded Persona (its other files read now)."""
+    return source if isinstance(source, PersonaDir) else PersonaDir.around(source)
