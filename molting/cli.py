@@ -107,14 +107,68 @@ Samples = Annotated[
 Runs = Annotated[Path, typer.Option("--runs", help="run registry directory: each command records itself there")]
 
 
+# Seconds between two plain progress lines when the output is not a terminal.
+PLAIN_PROGRESS_INTERVAL = 30.0
+
+
+def _duration(seconds: float) -> str:
+    """``"4 s"``, ``"2 min 05 s"``, ``"1 h 02 min"``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def progress_line(title: str, done: int, total: int | None, elapsed: float) -> str:
+    """One plain progress line: ``training: step 12/133, 1 min 05 s elapsed, about 10 min 58 s left``.
+
+    The time left is the elapsed time per step so far times the steps to go; it is left out
+    until a step is done or while the total is unknown.
+    """
+    line = f"{title}: step {done}/{total if total else '?'}, {_duration(elapsed)} elapsed"
+    if total and 0 < done < total:
+        line += f", about {_duration(elapsed / done * (total - done))} left"
+    return line
+
+
+class _PlainProgress:
+    """Progress as plain lines, at most one per ``interval`` seconds and one at the end: the live
+    bars draw nothing when the output is not a terminal (CI, ``make demo > demo.log``)."""
+
+    def __init__(self, title: str, total: int | None, interval: float = PLAIN_PROGRESS_INTERVAL, clock=None):
+        import time
+
+        self.title, self.total, self.interval = title, total, interval
+        self.clock = clock or time.monotonic
+        self.start = self.last = self.clock()
+        self.done = 0
+
+    def advance(self, done: int, total: int | None = None) -> None:
+        self.done, self.total = done, total or self.total
+        now = self.clock()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.print()
+
+    def print(self) -> None:
+        console.print(progress_line(self.title, self.done, self.total, self.clock() - self.start), markup=False)
+
+
 class RichUI:
-    """Progress for the library's long steps, drawn with rich."""
+    """Progress for the library's long steps, drawn with rich (plain lines when not on a terminal)."""
 
     def step(self, title: str) -> None:
         console.rule(f"[bold]{title}")
 
     @contextlib.contextmanager
     def bar(self, title: str, total: int | None):
+        if not console.is_terminal:
+            plain = _PlainProgress(title, total)
+            yield plain.advance
+            plain.print()
+            return
         columns = [
             SpinnerColumn(),
             TextColumn(title),

@@ -6,10 +6,10 @@ import pytest
 import yaml
 
 from molting.backends import GenerationConfig
-from molting.lint import lint_persona
 from molting.errors import PersonaError
 from molting.eval.probes import ProbeResult, load_probes, probes_table, rejudge, run_probes
 from molting.eval.rubric import RubricResult
+from molting.lint import lint_persona
 from molting.persona import Persona
 from tests.fakes import FakeBackend
 
