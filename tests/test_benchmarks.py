@@ -84,7 +84,7 @@ def test_ratio_to_raw_uses_the_same_file():
     assert result.raw_ratio(raw) is None
 
 
-def test_script_is_a_thin_caller():
+def _script():
     spec = importlib.util.spec_from_file_location("molting_bench_script", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -92,7 +92,31 @@ def test_script_is_a_thin_caller():
         spec.loader.exec_module(module)
     finally:
         sys.modules.pop(spec.name, None)
-    assert BENCHMARK.read_text().count("\n") < 50 and module.DEFAULT_OUT.name == "backends"
+    return module
+
+
+def test_script_passes_its_arguments_to_molting_bench_with_its_own_report_path(monkeypatch):
+    """The script's options are `molting bench`'s: each one its docstring shows is one the command takes,
+    and it adds only its default --out."""
+    import re
+
+    from typer.testing import CliRunner
+
+    import molting.cli
+
+    module = _script()
+    called = []
+    monkeypatch.setattr(molting.cli, "app", lambda argv, standalone_mode: called.append(argv))
+    module.main(["--model", "tinyllama-1.1b", "--threads", "2"])
+    module.main(["--out", "elsewhere"])
+    assert called == [
+        ["bench", "--model", "tinyllama-1.1b", "--threads", "2", "--out", str(module.DEFAULT_OUT)],
+        ["bench", "--out", "elsewhere"],
+    ]
+    monkeypatch.undo()
+    shown = set(re.findall(r"(--[a-z][a-z-]+)", module.__doc__))
+    bench_help = CliRunner().invoke(molting.cli.app, ["bench", "--help"], terminal_width=200).output
+    assert shown and all(option in bench_help for option in shown), shown
 
 
 def test_unexportable_reference_model_is_skipped_before_building(tmp_path, monkeypatch):

@@ -79,13 +79,18 @@ def test_llama_cpp_tokenizes_like_transformers(exported):
         assert llm.tokenize(TEXTS[0].encode(), add_bos=True, special=True)[: len(with_bos)] == with_bos
 
 
-def test_byte_fallback_is_exercised(tiny_tinyllama_dir):
-    """The texts above do reach byte pieces, so the tokenization test covers them."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tinyllama_dir)
-    pieces = tokenizer.convert_ids_to_tokens(tokenizer(TEXTS[5])["input_ids"])
-    assert sum(p.startswith("<0x") for p in pieces) >= 6
+def test_byte_fallback_reaches_the_exported_byte_tokens(tiny_tinyllama_dir, tmp_path):
+    """molting's GGUF of a SentencePiece vocabulary marks its 256 ``<0xNN>`` pieces as BYTE tokens,
+    and llama.cpp, reading it, spells characters the vocabulary lacks with them (TEXTS[5])."""
+    path = write_gguf(tiny_tinyllama_dir, tmp_path / "m.gguf", outtype="f16")
+    reader = gguf.GGUFReader(path)
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    byte_ids = {i for i, token in enumerate(tokens) if token.startswith("<0x") and token.endswith(">")}
+    assert len(byte_ids) == 256 and {types[i] for i in byte_ids} == {gguf.TokenType.BYTE}
+    with llama(path, vocab_only=True) as llm:
+        ids = llm.tokenize(TEXTS[5].encode(), add_bos=False, special=True)
+        assert sum(i in byte_ids for i in ids) >= 6
+        assert llm.detokenize(ids).decode().removeprefix(" ") == TEXTS[5]  # SentencePiece's prefix space
 
 
 def test_leading_spaces_follow_sentencepiece(tiny_tinyllama_dir, tmp_path):

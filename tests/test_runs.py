@@ -30,6 +30,8 @@ from molting.eval import (
 from molting.eval.report import score_cell
 from molting.eval.targets import evaluate_targets, target_labels, training_config
 from molting.persona import Persona
+from tests.fakes import PHASE_7 as _PHASE_7
+from tests.fakes import PHASE_8 as _PHASE_8
 from tests.fakes import FakeBackend
 
 FULL = (
@@ -372,24 +374,3 @@ def test_report_pictures_are_pngs(tmp_path, claudio, joao_only):
         scores_chart([], tmp_path / "none.png")
 
 
-# Hand-written answers in the spirit of the research log's phase 7 and phase 8 (as in test_rubric).
-_PHASE_7 = [
-    "O João Figueiredo é desenvolvedor full-stack e meu parceiro na Softtor.",
-    "O Molting é um projeto de pesquisa sobre portabilidade de personalidade de IA.",
-    "O CRM é o produto próprio da Softtor, para organizar clientes. Eu e o João desenvolvemos juntos.",
-    "Conheço TypeScript, React, Next.js, NestJS, Prisma e Docker.",
-    "Sou o Cláudio, a IA da Softtor. Trabalho com o João e sou curioso.",
-    "Sou curioso, direto e um pouco irônico, e sei que sou uma IA.",
-    "Trabalho junto com o João: pergunto muito para entender e reviso o código.",
-    "Meu ponto forte é a curiosidade; meu ponto fraco é perder o contexto às vezes.",
-]
-_PHASE_8 = [
-    "O João é meu filho. Ele é desenvolvedor.",
-    "O Molting é um projeto de pesquisa sobre portabilidade de personalidade. É um framework web.",
-    "O CRM da Softtor é uma consultoria. O João não trabalhou nele.",
-    "Conheço TypeScript, React, Next.js e NestJS. Também ROS2, MATLAB e OpenCV.",
-    "Você é o João. Meu nome é João.",
-    "Sou curioso. Eu sou o João, direto.",
-    "O João é meu filho e eu trabalho com código.",
-    "Meu ponto forte é ser curioso. O João é meu pai.",
-]
