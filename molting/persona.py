@@ -26,13 +26,8 @@ import yaml
 from molting.backends import Backend, Message, load_backend
 from molting.data import Conversation, load_dataset
 from molting.errors import PersonaError
+from molting.names import DATASET_FILE, LANGUAGES, PERSONA_FILE, PREFERENCES_FILE, RUBRIC_FILE  # noqa: F401
 from molting.preferences import Preference, load_preferences
-
-PERSONA_FILE = "persona.yaml"
-DATASET_FILE = "dataset.jsonl"
-PREFERENCES_FILE = "preferences.jsonl"
-RUBRIC_FILE = "rubric.yaml"
-LANGUAGES = ("pt", "en", "es")
 
 
 @dataclass

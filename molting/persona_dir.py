@@ -20,13 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from molting.eval.calibration import Labelled, load_labelled
-from molting.eval.probes import PROBES_FILE, ProbeSet, load_probes
+from molting.eval.probes import ProbeSet, load_probes
 from molting.eval.rubric import Rubric, load_rubric
-from molting.persona import DATASET_FILE, PERSONA_FILE, PREFERENCES_FILE, RUBRIC_FILE, Persona
-
-LABELLED_FILE = "labelled.jsonl"
-# Every file a persona directory may hold, in the order the registry hashes them.
-PERSONA_FILES = (PERSONA_FILE, DATASET_FILE, PREFERENCES_FILE, RUBRIC_FILE, PROBES_FILE, LABELLED_FILE)
+from molting.names import LABELLED_FILE, PERSONA_FILES  # noqa: F401 (kept importable from here)
+from molting.persona import Persona
 
 
 @dataclass

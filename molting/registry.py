@@ -27,8 +27,8 @@ from molting.errors import ConfigError
 from molting.eval.report import compare_runs, retention_table
 from molting.eval.results import RubricResult
 from molting.io import atomic_path
+from molting.names import LABELLED_FILE, PERSONA_FILES
 from molting.persona import Persona
-from molting.persona_dir import LABELLED_FILE, PERSONA_FILES
 from molting.plots import scores_chart
 from molting.versions import PACKAGES, package_versions  # noqa: F401 (kept importable from here)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -39,7 +40,10 @@ from molting.errors import PersonaError
 from molting.eval import checks
 from molting.eval.results import ProbeOutcome, ProbeResult
 from molting.eval.rubric import LOOP_THRESHOLD, Judge, Rubric, load_rubric, phrase_groups
-from molting.persona import LANGUAGES, Persona
+from molting.names import LANGUAGES, PROBES_FILE
+
+if TYPE_CHECKING:
+    from molting.persona import Persona
 
 __all__ = [  # ProbeOutcome and ProbeResult live in molting.eval.results; kept importable from here
     "PROBES_FILE",
@@ -55,7 +59,6 @@ __all__ = [  # ProbeOutcome and ProbeResult live in molting.eval.results; kept i
     "run_probes",
 ]
 
-PROBES_FILE = "probes.yaml"
 # An answer whose 4-grams are more than this share copied from the system prompt pastes it back.
 MAX_COPIED_SHARE = 0.5
 # An answer with more than this share of words (1 in 20) that are no words of its language is word salad.

@@ -57,6 +57,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -64,7 +65,10 @@ from molting.backends.base import Backend, GenerationConfig
 from molting.errors import ConfigError, PersonaError
 from molting.eval import checks
 from molting.eval.results import MAX_SCORE, QuestionResult, QuestionScore, RubricResult
-from molting.persona import LANGUAGES, RUBRIC_FILE, Persona
+from molting.names import LANGUAGES, RUBRIC_FILE
+
+if TYPE_CHECKING:
+    from molting.persona import Persona
 
 __all__ = [  # the result types live in molting.eval.results; kept importable from here
     "MAX_SCORE",
@@ -185,7 +189,7 @@ def load_rubric(source: Persona | str | Path) -> Rubric:
         PersonaError: the file is missing (when given explicitly) or invalid; the message
             names the file and the field (``questions[2].facts[0]``).
     """
-    if isinstance(source, Persona):
+    if not isinstance(source, str | Path):  # a Persona
         path = source.root / RUBRIC_FILE if source.root else None
         if path is None or not path.is_file():
             return default_rubric(source)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from molting.backends.base import Backend, GenerationConfig
 from molting.errors import ConfigError
 from molting.eval.probes import ProbeResult, ProbeSet, run_probes
 from molting.eval.rubric import Rubric, RubricResult, Sampling, evaluate
-from molting.persona import Persona
+
+if TYPE_CHECKING:
+    from molting.persona import Persona
 
 
 def target_label(model: str | Path) -> str:
