@@ -9,6 +9,7 @@ Importing molting loads neither torch nor llama_cpp; they load when first used.
 from molting.backends import Backend, GenerationConfig, load_backend
 from molting.errors import ConfigError, DatasetError, ExportError, MoltingError, PersonaError
 from molting.persona import Persona
+from molting.persona_dir import PersonaDir
 
 __all__ = [
     "Backend",
@@ -18,6 +19,7 @@ __all__ = [
     "GenerationConfig",
     "MoltingError",
     "Persona",
+    "PersonaDir",
     "PersonaError",
     "load_backend",
 ]
