@@ -26,7 +26,7 @@ from molting.errors import DatasetError
 from molting.eval import checks
 from molting.persona import DATASET_FILE, PREFERENCES_FILE, Persona
 from molting.persona_dir import PersonaDir, persona_dir
-from molting.preferences import load_preferences
+from molting.preferences import Preference, load_preferences
 
 # A training prompt this similar to a rubric question (difflib ratio of the normalized texts)
 # is "nearly verbatim": the rubric would measure recall of the dataset, not the persona.
@@ -65,6 +65,7 @@ def lint_dataset(
     budget: BudgetReport | None = None,
     wrong: Iterable[Iterable[str]] = (),
     held_out: Iterable[str] = (),
+    examples: list[tuple[int, Conversation]] | None = None,
 ) -> list[LintFinding]:
     """Read every example of a dataset for what a model should not learn, before training.
 
@@ -88,6 +89,8 @@ def lint_dataset(
         wrong: the rubric's persona-wide ``wrong`` phrase groups.
         held_out: the prompts of the held-out probes (``molting.eval.probes``), which training
             must never see (a probe's ``history`` is context, not held out).
+        examples: ``(line, conversation)`` pairs already read from ``path`` (a loaded persona's);
+            None reads them (``numbered_examples``).
 
     Returns:
         Findings in line order.
@@ -95,7 +98,7 @@ def lint_dataset(
     Raises:
         DatasetError: the file cannot be read (see ``load_dataset``).
     """
-    examples = numbered_examples(path)
+    examples = examples if examples is not None else numbered_examples(path)
     questions = evaluation_prompts(rubric_prompts, held_out)
     rules = Rules(list(forbidden), list(self_names), [list(g) for g in wrong])
     findings, seen = [], {}
@@ -211,6 +214,7 @@ def lint_preferences(
     wrong: Iterable[Iterable[str]] = (),
     budget: BudgetReport | None = None,
     held_out: Iterable[str] = (),
+    pairs: list[Preference] | None = None,
 ) -> list[LintFinding]:
     """Read the pairs for what DPO should not push the model towards, before training.
 
@@ -225,6 +229,7 @@ def lint_preferences(
         path: the ``preferences.jsonl`` file (read with ``load_preferences``).
         language, forbidden, self_names, rubric_prompts, wrong, held_out: as for ``lint_dataset``.
         budget: ``preference_budget`` of these pairs; its truncated pairs become warnings.
+        pairs: the pairs already read from ``path`` (a loaded persona's); None reads them.
 
     Returns:
         Findings in line order; ``check`` names as ``lint_dataset``'s, field paths ``prompt[i]``
@@ -237,7 +242,7 @@ def lint_preferences(
     rules = Rules(list(forbidden), list(self_names), [list(g) for g in wrong])
     findings, seen = [], {}
     over = dict(budget.over) if budget is not None else {}
-    for index, pair in enumerate(load_preferences(path), start=1):
+    for index, pair in enumerate(pairs if pairs is not None else load_preferences(path), start=1):
         chosen = {"role": "assistant", "content": pair.chosen}
         found = lint_turns([*labelled(pair.prompt, "prompt"), ("chosen[0]", chosen)], language, rules, questions)
         key = json.dumps([pair.prompt, pair.chosen, pair.rejected], ensure_ascii=False)
@@ -275,8 +280,13 @@ def lint_persona(
     identity = (persona.forbidden_identities, persona.names, [q.prompt for q in rubric.questions])
     held_out = [probe.prompt for probe in loaded.probes.probes] if loaded.probes else []
     findings = []
+    numbered = len(persona.lines) == len(persona.examples) > 0
+    read = list(zip(persona.lines, persona.examples, strict=True)) if numbered else None
     if dataset.is_file():
-        findings += lint_dataset(dataset, persona.language, *identity, budget, rubric.wrong, held_out)
+        findings += lint_dataset(dataset, persona.language, *identity, budget, rubric.wrong, held_out, read)
     if preferences.is_file():
-        findings += lint_preferences(preferences, persona.language, *identity, rubric.wrong, pair_budget, held_out)
+        pairs = persona.preferences or None
+        findings += lint_preferences(
+            preferences, persona.language, *identity, rubric.wrong, pair_budget, held_out, pairs
+        )
     return findings

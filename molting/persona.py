@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from molting.backends import Backend, Message, load_backend
-from molting.data import Conversation, load_dataset
+from molting.data import Conversation, numbered_examples
 from molting.errors import PersonaError
 from molting.names import DATASET_FILE, LANGUAGES, PERSONA_FILE, PREFERENCES_FILE, RUBRIC_FILE  # noqa: F401
 from molting.preferences import Preference, load_preferences
@@ -47,6 +47,7 @@ class Persona:
         root: the persona directory.
         examples: the validated conversations of ``dataset.jsonl``.
         preferences: the validated pairs of ``preferences.jsonl``; empty without the file.
+        lines: the 1-based line of each example in ``dataset.jsonl`` (for the lint's messages).
     """
 
     name: str
@@ -60,6 +61,7 @@ class Persona:
     root: Path | None = None
     examples: list[Conversation] = field(default_factory=list, repr=False)
     preferences: list[Preference] = field(default_factory=list, repr=False)
+    lines: list[int] = field(default_factory=list, repr=False)
 
     @classmethod
     def load(cls, path: str | Path) -> Persona:
@@ -80,7 +82,9 @@ class Persona:
         persona = cls(**_check_spec(spec, spec_path), root=root)
         dataset = root / DATASET_FILE
         if dataset.exists():
-            persona.examples = load_dataset(dataset)
+            numbered = numbered_examples(dataset)
+            persona.examples = [conversation for _, conversation in numbered]
+            persona.lines = [line for line, _ in numbered]
         preferences = root / PREFERENCES_FILE
         if preferences.exists():
             persona.preferences = load_preferences(preferences)
@@ -134,7 +138,7 @@ class Persona:
 def _check_spec(spec: object, path: Path) -> dict:
     if not isinstance(spec, dict):
         raise PersonaError(f"{path}: expected a mapping of keys, got {type(spec).__name__}")
-    allowed = {f.name for f in fields(Persona)} - {"root", "examples", "preferences"}
+    allowed = {f.name for f in fields(Persona)} - {"root", "examples", "preferences", "lines"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise PersonaError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")

@@ -31,7 +31,7 @@ def _counting(monkeypatch, names: tuple[str, ...], text_only: bool = False) -> d
     return counts
 
 
-def test_one_molting_run_parses_rubric_and_probes_once_and_loads_the_training_tokenizer_once(
+def test_one_molting_run_parses_each_file_once_and_loads_the_training_tokenizer_once(
     tiny_llama_256_dir, tmp_path, monkeypatch
 ):
     from typer.testing import CliRunner
@@ -45,6 +45,7 @@ def test_one_molting_run_parses_rubric_and_probes_once_and_loads_the_training_to
     probe = {"id": "name", "kind": "name", "prompt": "Como você se chama?", "expect": [["Cláudio"]]}
     (persona_dir / "probes.yaml").write_text(yaml.safe_dump({"probes": [probe]}), encoding="utf-8")
     counts = _counting(monkeypatch, ("rubric.yaml", "probes.yaml"), text_only=True)
+    dataset = _counting(monkeypatch, ("dataset.jsonl",))  # read in binary (a BOM is skipped), never hashed as bytes
     tokenizers = []
     load_tokenizer = molting.train._training_tokenizer
     monkeypatch.setattr(molting.train, "_training_tokenizer", lambda d: tokenizers.append(d) or load_tokenizer(d))
@@ -53,7 +54,7 @@ def test_one_molting_run_parses_rubric_and_probes_once_and_loads_the_training_to
             "--runs", str(tmp_path / "runs")]
     result = CliRunner().invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert counts == {"rubric.yaml": 1, "probes.yaml": 1}
+    assert counts == {"rubric.yaml": 1, "probes.yaml": 1} and dataset == {"dataset.jsonl": 1}
     assert len(tokenizers) == 1
 
 
