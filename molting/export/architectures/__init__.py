@@ -20,7 +20,8 @@ and one import line at the bottom of this module; the protocol and the registry 
 """
 
 from molting.export.architectures import llama, phi3, qwen2  # noqa: F401 (importing one registers it)
-from molting.export.architectures.base import (
+from molting.export.architectures.base import (  # _REGISTRY: the same dict, for tests that edit it
+    _REGISTRY,  # noqa: F401
     Architecture,
     get_architecture,
     named_tensors,
