@@ -71,3 +71,28 @@ def test_molting_eval_judge_prints_both_scores_and_stores_them(tmp_path, monkeyp
     (saved,) = json.loads(out.read_text())
     assert saved["questions"][0]["answers"][0]["score"] == 10 and saved["judge"]["model"] == "judge.gguf"
     assert [o["score"] for o in saved["judge"]["opinions"]] == [9.0] * 8
+
+
+def test_molting_eval_records_the_judges_opinion_in_the_registry(tmp_path, monkeypatch):
+    """The registry entry is written after the judge has spoken: its result file holds the opinions."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import molting.backends
+    from molting import registry
+    from molting.cli import app
+
+    model = FakeBackend(["O João Figueiredo é desenvolvedor full-stack e meu parceiro de trabalho na Softtor."])
+    judge = FakeBackend(["SCORE: 7 - fine"])
+    monkeypatch.setattr(molting.backends, "load_backend", lambda path, **kw: judge if path == "judge.gguf" else model)
+    args = ["eval", "examples/claudio", "--model", "m.gguf", "--judge", "judge.gguf", "--samples", "1",
+            "--no-probes", "--runs", str(tmp_path / "runs")]
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    (entry_dir,) = registry.list_ids(tmp_path / "runs")
+    entry = registry.load(entry_dir)
+    saved = json.loads((entry.root / entry.results[0]["file"]).read_text(encoding="utf-8"))
+    assert saved["judge"]["model"] == "judge.gguf"
+    assert [o["score"] for o in saved["judge"]["opinions"]] == [7.0] * 8
+    assert entry.result().label == "GGUF m"  # the file still reads back as a RubricResult
