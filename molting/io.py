@@ -123,8 +123,8 @@ def check_output_file(
 
     Args:
         path: the file a command will write.
-        inputs: files and directories the command reads; ``path`` may be none of them nor lie
-            inside one that is a directory (an export must not overwrite its own weights).
+        inputs: files and directories the command reads (model weights); ``path`` may be none of
+            them nor lie inside one that is a directory (an export must not overwrite its own weights).
         force: replace an existing file of the same kind.
         magic: the first bytes of a file of the kind written (``b"GGUF"``); an existing file
             that does not start with them is never replaced, even with ``force``. None: any
@@ -138,8 +138,10 @@ def check_output_file(
     target = path.resolve()
     for source in inputs:
         source = Path(source).resolve()
-        if target == source or (source.is_dir() and source in target.parents):
-            raise ConfigError(f"{path}: {what} is one of the command's inputs ({source}); choose another file")
+        if target == source:
+            raise ConfigError(f"{path}: {what} is one of the command's inputs; choose another file")
+        if source.is_dir() and source in target.parents:
+            raise ConfigError(f"{path}: {what} lies inside the input directory {source}; choose another place")
     if path.is_dir():
         raise ConfigError(f"{path}: {what} is a directory; give a file name")
     if path.exists():
