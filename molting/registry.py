@@ -144,10 +144,9 @@ def record(
         raise ConfigError(f"primary result {primary!r} not among {labels}")
     root = Path(root)
     now = datetime.now(timezone.utc)
-    entry_id = _reserve_id(root, f"{now:%Y%m%d-%H%M%S}-{persona.slug}-{kind}")
     files = [f"{RESULTS_DIR}/{i:02d}-{_slug(label)}.json" for i, label in enumerate(labels, start=1)]
     entry = Entry(
-        id=entry_id,
+        id="",
         kind=kind,
         created=now.isoformat(timespec="seconds"),
         persona=persona.name,
@@ -160,6 +159,7 @@ def record(
         artifacts={k: str(v) for k, v in (artifacts or {}).items()},
         loss=loss or [],
     )
+    entry.id = entry_id = _reserve_id(root, f"{now:%Y%m%d-%H%M%S}-{persona.slug}-{kind}")
     try:
         with atomic_path(root / entry_id, directory=True) as tmp:
             (tmp / RESULTS_DIR).mkdir()
