@@ -73,8 +73,11 @@ class Commands(TyperGroup):
                 raise
             print_error(OSError(os_error(exc)))
             raise typer.Exit(code=2) from None
-        except Interrupted as exc:
-            err_console.print(Text.assemble(("interrupted: ", "bold yellow"), plain(str(exc), limit=4 * SHOWN)))
+        except KeyboardInterrupt as exc:  # Ctrl-C; an Interrupted says what was kept
+            kept = str(exc) if isinstance(exc, Interrupted) else ""
+            err_console.print(
+                Text.assemble(("interrupted", "bold yellow"), plain(f": {kept}" if kept else "", limit=4 * SHOWN))
+            )
             raise typer.Exit(code=130) from None
 
 
@@ -181,6 +184,7 @@ class RichUI:
                         "yellow",
                     )
                 )
+
     def lint(self, findings) -> None:
         """Dataset lint findings, errors in red; a line saying so when there are none."""
         if not findings:
