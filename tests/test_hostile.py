@@ -514,6 +514,12 @@ CASES = [
         ["afile", "--runs", "not a directory"],
     ),
     (
+        "eval-runs-read-only",  # /sys refuses new files even to root, where chmod 555 would not
+        "output",
+        lambda d, fx: [*eval_args(d)[:-2], "--runs", "/sys/molting-hostile-runs"],
+        ["/sys/molting-hostile-runs", "--runs is not writable"],
+    ),
+    (
         "eval-out-directory",
         "output",
         lambda d, fx: (d / "outdir").mkdir() or eval_args(d, "--out", str(d / "outdir")),

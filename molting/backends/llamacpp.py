@@ -105,7 +105,8 @@ class LlamaCppBackend(Backend):
                 eos_token=model.token_get_text(model.token_eos()),
                 bos_token=model.token_get_text(model.token_bos()),
             )
-        except jinja2.TemplateError as exc:
+            self.formatter(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+        except jinja2.TemplateError as exc:  # refused or broken at once, not at the first answer
             self.close()
             raise _template_error(self.model_path, exc) from None
         self.system_prompt = self.llm.metadata.get("molting.system_prompt")
