@@ -22,7 +22,7 @@ from pathlib import Path
 
 import gguf
 
-from molting.errors import ModelFileError
+from molting.errors import ExportError, ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
@@ -272,17 +272,80 @@ def parameter_count(model_dir: str | Path) -> int:
     return total
 
 
-def check_adapter_dir(path: str | Path) -> None:
-    """Check that a peft adapter directory has its config and weights.
+def read_adapter_config(path: str | Path) -> dict:
+    """The ``adapter_config.json`` of a peft adapter directory, as a dict.
 
     Raises:
-        ModelFileError: no ``adapter_config.json``, or no adapter weights.
+        ModelFileError: the file is missing, unreadable, not UTF-8 JSON, or not an object.
+    """
+    config_path = Path(path) / "adapter_config.json"
+    if not config_path.is_file():
+        raise ModelFileError(path, "no adapter_config.json (make one with `molting train`)")
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ModelFileError(config_path, f"not UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(config_path, f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(config_path, f"expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def check_adapter_dir(path: str | Path) -> None:
+    """Check that a peft adapter directory has its config (valid JSON) and weights.
+
+    Raises:
+        ModelFileError: no ``adapter_config.json`` or an invalid one, or no adapter weights.
     """
     path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise ModelFileError(path, "no adapter_config.json (make one with `molting train`)")
+    read_adapter_config(path)
     found = [path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()]
     if not found:
         raise ModelFileError(path, f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
     if found[0].suffix == ".safetensors":
         check_safetensors(found[0])
+
+
+def check_adapter_base(base_dir: Path, adapter_dir: Path) -> None:
+    """Refuse an adapter trained on another base, before any model is loaded.
+
+    Two checks: the base's directory name against the last part of the adapter's
+    ``base_model_name_or_path`` (what peft recorded at training), and every LoRA pair
+    against the base weight it adapts: ``lora_A`` is ``(r, in_features)`` and
+    ``lora_B`` ``(out_features, r)`` of that ``(out_features, in_features)`` weight.
+
+    Raises:
+        ExportError: naming the adapter, the base and the first difference.
+    """
+    config = read_adapter_config(adapter_dir)
+    trained_on = config.get("base_model_name_or_path")
+    if trained_on and Path(trained_on).name != base_dir.name:
+        raise ExportError(
+            f"{adapter_dir}: trained on base {trained_on!r}, not on {str(base_dir)!r}; pass the base it was trained on"
+        )
+    base = _weight_shapes(base_dir)
+    for key, shape in _weight_shapes(adapter_dir, "adapter_model*.safetensors").items():
+        module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if kind not in ("A.weight", "B.weight"):
+            continue  # modules_to_save, embedding LoRA: merged by peft, shapes checked there
+        target = base.get(f"{module}.weight")
+        if target is None:
+            raise ExportError(f"{adapter_dir}: a LoRA for {module!r}, which the base {base_dir} does not have")
+        a = kind == "A.weight"
+        if (shape[1] if a else shape[0]) != (target[1] if a else target[0]):
+            raise ExportError(
+                f"{adapter_dir}: lora_{kind[0]} of {module!r} has shape {tuple(shape)}, which does not fit the "
+                f"base's {tuple(target)} weight in {base_dir}: the adapter was trained on another base"
+            )
+
+
+def _weight_shapes(model_dir: Path, pattern: str = "*.safetensors") -> dict[str, list[int]]:
+    """``{tensor name: shape}`` of the safetensors files in ``model_dir``, from their headers."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in sorted(model_dir.glob(pattern)):
+        with safe_open(str(path), framework="pt") as f:
+            shapes.update({key: f.get_slice(key).get_shape() for key in f.keys()})  # noqa: SIM118
+    return shapes

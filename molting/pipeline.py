@@ -26,7 +26,7 @@ from pathlib import Path
 from molting import backends, registry
 from molting.backends.base import GenerationConfig
 from molting.data import BudgetReport, token_budget
-from molting.errors import ConfigError
+from molting.errors import ConfigError, Interrupted
 from molting.eval.model_judge import model_opinions
 from molting.eval.rubric import Rubric, RubricResult, Sampling, load_rubric
 from molting.eval.targets import evaluate_targets, target_labels, training_config
@@ -34,6 +34,7 @@ from molting.export.steps import ExportResult, export_model, merge
 from molting.export.steps import export_adapter_gguf as _export_adapter_gguf
 from molting.export.steps import export_gguf as _export_gguf
 from molting.export.verify import VerifyConfig, VerifyReport
+from molting.io import atomic_path, check_writable_dir
 from molting.lint import LintFinding, lint_persona, raise_on_lint_errors
 from molting.models import resolve_base_model
 from molting.persona import Persona
@@ -124,34 +125,63 @@ def run(persona: Persona | PersonaDir, config: RunConfig, ui) -> RunResult:
     persona = loaded.persona
     config = replace(config, train=resolve_config(config.train))  # finetuning "auto" decided once, here
     out = Path(config.out or Path("runs") / persona.slug)
+    _check_outputs(persona, config, out)
     out.mkdir(parents=True, exist_ok=True)
     base_dir = resolve_base_model(config.train.base_model)
     judge = _Evaluation(loaded, config, out, ui)
 
     record = _train(loaded.persona, config.train, out, ui, check_training_data(loaded, config.train, ui))
     full = config.train.finetuning == "full"
-    merged = out / "model" if full else merge(base_dir, out / "adapter", out / "merged", ui)
-    results = {}
-    for label, backend in (
-        ("base", lambda: TransformersBackend(base_dir)),
-        ("fine-tuned", lambda: TransformersBackend(merged)),
-    ):
-        if label in config.models:
-            results[label] = judge(label, backend)
-    verify = replace(config.verify, generation=config.generation) if config.verify else None
-    target = lambda quant: out / f"{persona.slug}.{quant}.gguf"  # noqa: E731
-    export = export_model(
-        persona, merged, target, config.quant, ui, base=base_dir, rubric=loaded.rubric, verify=verify,
-        keep_f16=config.keep_f16,
-    )
-    gguf, label = export.path, f"GGUF {export.quant}"
-    if "gguf" in config.models:
-        results[label] = judge(label, lambda: LlamaCppBackend(gguf, n_ctx=config.n_ctx))
-    _write_modelfile(persona, gguf, config.generation, out)
-    report = _write_report(persona, config, record, results, export, out)
     weights = out / ("model" if full else "adapter")
-    entry = _register(persona, config, record, results, {"adapter": weights, "gguf": gguf, "report": report})
-    return RunResult(out, weights, gguf, report, results, export.check, entry)
+    try:
+        merged = out / "model" if full else merge(base_dir, out / "adapter", out / "merged", ui)
+        results = {}
+        for label, backend in (
+            ("base", lambda: TransformersBackend(base_dir)),
+            ("fine-tuned", lambda: TransformersBackend(merged)),
+        ):
+            if label in config.models:
+                results[label] = judge(label, backend)
+        verify = replace(config.verify, generation=config.generation) if config.verify else None
+        target = lambda quant: out / f"{persona.slug}.{quant}.gguf"  # noqa: E731
+        export = export_model(
+            persona, merged, target, config.quant, ui, base=base_dir, rubric=loaded.rubric, verify=verify,
+            keep_f16=config.keep_f16,
+        )
+        gguf, label = export.path, f"GGUF {export.quant}"
+        if "gguf" in config.models:
+            results[label] = judge(label, lambda: LlamaCppBackend(gguf, n_ctx=config.n_ctx))
+        _write_modelfile(persona, gguf, config.generation, out)
+        report = _write_report(persona, config, record, results, export, out)
+        entry = _register(persona, config, record, results, {"adapter": weights, "gguf": gguf, "report": report})
+        return RunResult(out, weights, gguf, report, results, export.check, entry)
+    except KeyboardInterrupt:
+        raise Interrupted(resume_hint(persona, weights)) from None
+
+
+def resume_hint(persona: Persona, weights: Path) -> str:
+    """What an interrupted run kept (the trained ``weights``) and the commands that go on from it."""
+    where = persona.root or Path(".")
+    return (
+        f"the trained weights are kept in {weights}; without training again, evaluate them with "
+        f"`molting eval {where} --model {weights}` and export them with "
+        f"`molting export {where} --adapter {weights} --out {weights.parent / (persona.slug + '.gguf')}`"
+    )
+
+
+def _check_outputs(persona: Persona, config: RunConfig, out: Path) -> None:
+    """Before training: the run directory and the registry can be written, and so can the Modelfile.
+
+    Raises:
+        ConfigError: a directory is not writable, or is a file.
+        ExportError: the system prompt cannot be written into an Ollama Modelfile.
+    """
+    from molting.export.ollama import quote
+
+    check_writable_dir(out, "the run directory")
+    if config.registry is not None:
+        check_writable_dir(config.registry, "the run registry (--runs)")
+    quote(persona.system_prompt, f"{persona.root / 'persona.yaml' if persona.root else 'persona'}: system_prompt")
 
 
 def check_training_data(persona: Persona | PersonaDir, config: TrainConfig, ui) -> TrainingData:
@@ -184,7 +214,8 @@ def _train(persona: Persona, config: TrainConfig, out: Path, ui, data: TrainingD
         ui.step(f"Training {what} on {len(persona.examples)} examples{then}")
     with ui.bar("training", None) as advance:
         record = train(persona, out, config, on_step=lambda step, total, logs: advance(step, total), data=data)
-    (out / "budget.json").write_text(json.dumps(record.budget, indent=2))
+    with atomic_path(out / "budget.json") as tmp:
+        tmp.write_text(json.dumps(record.budget, indent=2))
     return record
 
 
@@ -215,6 +246,9 @@ def train_persona(
     loaded = persona_dir(persona)
     config = resolve_config(config)
     out = Path(out or Path("runs") / loaded.persona.slug)
+    check_writable_dir(out, "--out")
+    if runs is not None:
+        check_writable_dir(runs, "--runs")
     record = _train(loaded.persona, config, out, ui, check_training_data(loaded, config, ui))
     weights = out / ("model" if config.finetuning == "full" else "adapter")
     entry = None
@@ -287,9 +321,9 @@ class _Evaluation:
             replace(config.generation, max_new_tokens=limit),
             bare=config.probe_bare,
         )
-        (self.out / "eval").mkdir(exist_ok=True)
         name = label.lower().split()[0].replace("-", "")
-        (self.out / "eval" / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        with atomic_path(self.out / "eval" / f"{name}.json") as tmp:
+            tmp.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
         self.ui.table(result)
         return result
 
@@ -411,15 +445,15 @@ def llama_cli_command(gguf: Path, generation: GenerationConfig) -> str:
 
 
 def _write_modelfile(persona: Persona, gguf: Path, generation: GenerationConfig, out: Path) -> None:
-    """An Ollama Modelfile next to the GGUF: ``ollama create <name> -f Modelfile``."""
-    system = persona.system_prompt.replace('"""', '\\"\\"\\"')
-    (out / "Modelfile").write_text(
-        f"FROM ./{gguf.name}\n"
-        f'SYSTEM """{system}"""\n'
-        f"PARAMETER temperature {generation.temperature:g}\n"
-        f"PARAMETER repeat_penalty {generation.repetition_penalty:g}\n"
-        f"PARAMETER num_predict {generation.max_new_tokens}\n"
-    )
+    """An Ollama Modelfile next to the GGUF: ``ollama create <name> -f Modelfile`` (molting.export.ollama)."""
+    from molting.export.ollama import write_modelfile
+
+    parameters = {
+        "temperature": generation.temperature,
+        "repeat_penalty": generation.repetition_penalty,
+        "num_predict": generation.max_new_tokens,
+    }
+    write_modelfile(out / "Modelfile", gguf.name, persona.system_prompt, parameters)
 
 
 def _write_report(persona, config: RunConfig, record, results: dict, export: ExportResult, out: Path) -> Path:

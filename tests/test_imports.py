@@ -32,7 +32,7 @@ HEAVY = {
 # Backends sit low: they know models and text, nothing of personas, training or export, and every
 # layer that generates text (export's check, Persona.chat, the rubric) calls one.
 LAYERS = [
-    ("base", ["errors", "io", "names", "versions", "templates", "modelfiles", "models", "eval.checks"]),
+    ("base", ["errors", "io", "names", "text", "versions", "templates", "modelfiles", "models", "eval.checks"]),
     ("backends", ["backends"]),
     ("persona and data formats", ["data", "preferences", "persona"]),
     ("train", ["train"]),

@@ -33,14 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from molting.backends.base import Backend, GenerationConfig, Message
 from molting.errors import PersonaError
 from molting.eval import checks
 from molting.eval.results import ProbeOutcome, ProbeResult
 from molting.eval.rubric import LOOP_THRESHOLD, Judge, Rubric, load_rubric, phrase_groups
 from molting.names import LANGUAGES, PROBES_FILE
+from molting.text import load_yaml
 
 if TYPE_CHECKING:
     from molting.persona import Persona
@@ -107,10 +106,7 @@ def load_probes(source: Persona | str | Path) -> ProbeSet | None:
         path = path / PROBES_FILE
     if not path.is_file():
         return None
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as exc:
-        raise PersonaError(f"{path}: invalid YAML: {exc}") from None
+    data = load_yaml(path)
     if not isinstance(data, dict) or not isinstance(data.get("probes"), list) or not data["probes"]:
         raise PersonaError(f"{path}: expected a mapping with a non-empty 'probes' list")
     probes = [_parse_probe(item, f"{path}: probes[{i}]") for i, item in enumerate(data["probes"])]

@@ -9,13 +9,13 @@ peft's ``merge_and_unload``.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from molting.errors import ExportError
 from molting.io import atomic_path
+from molting.modelfiles import check_adapter_base  # noqa: F401 (kept importable from here)
 from molting.models import SOURCE_FILE
 
 
@@ -64,47 +64,3 @@ def merge_adapter(
             if (base_dir / name).is_file():
                 shutil.copy2(base_dir / name, tmp / name)
     return out_dir
-
-
-def check_adapter_base(base_dir: Path, adapter_dir: Path) -> None:
-    """Refuse an adapter trained on another base, before any model is loaded.
-
-    Two checks: the base's directory name against the last part of the adapter's
-    ``base_model_name_or_path`` (what peft recorded at training), and every LoRA pair
-    against the base weight it adapts: ``lora_A`` is ``(r, in_features)`` and
-    ``lora_B`` ``(out_features, r)`` of that ``(out_features, in_features)`` weight.
-
-    Raises:
-        ExportError: naming the adapter, the base and the first difference.
-    """
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    trained_on = config.get("base_model_name_or_path")
-    if trained_on and Path(trained_on).name != base_dir.name:
-        raise ExportError(
-            f"{adapter_dir}: trained on base {trained_on!r}, not on {str(base_dir)!r}; pass the base it was trained on"
-        )
-    base = _weight_shapes(base_dir)
-    for key, shape in _weight_shapes(adapter_dir, "adapter_model*.safetensors").items():
-        module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
-        if kind not in ("A.weight", "B.weight"):
-            continue  # modules_to_save, embedding LoRA: merged by peft, shapes checked there
-        target = base.get(f"{module}.weight")
-        if target is None:
-            raise ExportError(f"{adapter_dir}: a LoRA for {module!r}, which the base {base_dir} does not have")
-        a = kind == "A.weight"
-        if (shape[1] if a else shape[0]) != (target[1] if a else target[0]):
-            raise ExportError(
-                f"{adapter_dir}: lora_{kind[0]} of {module!r} has shape {tuple(shape)}, which does not fit the "
-                f"base's {tuple(target)} weight in {base_dir}: the adapter was trained on another base"
-            )
-
-
-def _weight_shapes(model_dir: Path, pattern: str = "*.safetensors") -> dict[str, list[int]]:
-    """``{tensor name: shape}`` of the safetensors files in ``model_dir``, from their headers."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for path in sorted(model_dir.glob(pattern)):
-        with safe_open(str(path), framework="pt") as f:
-            shapes.update({key: f.get_slice(key).get_shape() for key in f.keys()})  # noqa: SIM118
-    return shapes
