@@ -190,7 +190,7 @@ class _PlainProgress:
             self.print()
 
     def print(self) -> None:
-        console.print(progress_line(self.title, self.done, self.total, self.clock() - self.start), markup=False)
+        console.print(plain(progress_line(self.title, self.done, self.total, self.clock() - self.start)))
 
 
 class RichUI:
@@ -202,9 +202,9 @@ class RichUI:
     @contextlib.contextmanager
     def bar(self, title: str, total: int | None):
         if not console.is_terminal:
-            plain = _PlainProgress(title, total)
-            yield plain.advance
-            plain.print()
+            lines = _PlainProgress(title, total)
+            yield lines.advance
+            lines.print()
             return
         columns = [
             SpinnerColumn(),
