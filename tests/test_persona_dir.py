@@ -16,18 +16,38 @@ from tests.test_pipeline import make_persona
 from tests.test_preferences import PAIRS
 
 
-def _counting(monkeypatch, names: tuple[str, ...], text_only: bool = False) -> dict[str, int]:
+def _counting(monkeypatch, names: tuple[str, ...]) -> dict[str, int]:
     """Count the opens of each file named in ``names`` (``Path.read_text`` and ``read_bytes`` go
-    through ``Path.open``); ``text_only``: only those in text mode, i.e. to parse, not to hash."""
+    through ``Path.open``)."""
     counts = dict.fromkeys(names, 0)
     open_ = Path.open
 
     def counted_open(self, mode="r", *args, **kwargs):
-        if self.name in counts and not (text_only and "b" in mode):
+        if self.name in counts:
             counts[self.name] += 1
         return open_(self, mode, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", counted_open)
+    return counts
+
+
+def _parses(monkeypatch, names: tuple[str, ...]) -> dict[str, int]:
+    """Count the YAML parses (``molting.text.load_yaml``, wherever a module took it) of each file in ``names``."""
+    import sys
+
+    import molting.text
+
+    counts = dict.fromkeys(names, 0)
+    load_yaml = molting.text.load_yaml
+
+    def counted(path, *args, **kwargs):
+        if Path(path).name in counts:
+            counts[Path(path).name] += 1
+        return load_yaml(path, *args, **kwargs)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("molting")]:
+        if getattr(module, "load_yaml", None) is load_yaml:
+            monkeypatch.setattr(module, "load_yaml", counted)
     return counts
 
 
@@ -44,7 +64,7 @@ def test_one_molting_run_parses_each_file_once_and_loads_the_training_tokenizer_
     make_persona(persona_dir)
     probe = {"id": "name", "kind": "name", "prompt": "Como você se chama?", "expect": [["Cláudio"]]}
     (persona_dir / "probes.yaml").write_text(yaml.safe_dump({"probes": [probe]}), encoding="utf-8")
-    counts = _counting(monkeypatch, ("rubric.yaml", "probes.yaml"), text_only=True)
+    counts = _parses(monkeypatch, ("rubric.yaml", "probes.yaml"))
     dataset = _counting(monkeypatch, ("dataset.jsonl",))  # read in binary (a BOM is skipped), never hashed as bytes
     tokenizers = []
     load_tokenizer = molting.train._training_tokenizer
