@@ -2,7 +2,8 @@
 
 CPU training is deterministic: the demo recipe at the current defaults, run again, must write the
 answers that ``experiments/runs/20261126-190046-claudio-run`` recorded, with the same package
-versions (skipped otherwise). A refactor that changes what the pipeline computes shows here. About 20 minutes on 2 CPU cores: opt in with ``-m slow``.
+versions (skipped otherwise). A refactor that changes what the pipeline computes shows here.
+About 20 minutes on 2 CPU cores: opt in with ``-m slow``.
 """
 
 import contextlib
