@@ -51,7 +51,9 @@ app = typer.Typer(
 )
 
 PersonaDir = Annotated[Path, typer.Argument(help="persona directory (persona.yaml, dataset.jsonl, rubric.yaml)")]
-Base = Annotated[str, typer.Option("--base", help="embedded model name or local model directory")]
+Base = Annotated[
+    str, typer.Option("--base", help="embedded model name, local model directory, or Hub id ORG/NAME[@REVISION]")
+]
 # Training options default to None: "TrainConfig's default", kept in one place (molting.train).
 Epochs = Annotated[float, typer.Option(help="training epochs [default: TrainConfig's]")]
 Rank = Annotated[int, typer.Option("--r", help="LoRA rank r [default: TrainConfig's]")]
@@ -259,7 +261,7 @@ def train(
     from molting import registry
     from molting.data import lint_persona, raise_on_lint_errors
     from molting.persona import Persona
-    from molting.train import resolve_config, training_budget, training_pair_budget
+    from molting.train import is_main_process, resolve_config, training_budget, training_pair_budget
     from molting.train import train as run_training
 
     ui = RichUI()
@@ -277,11 +279,12 @@ def train(
         ui.budget(budget)
         with ui.bar("training", None) as advance:
             record = run_training(persona, out, config, on_step=lambda s, n, logs: advance(s, n))
+        if not is_main_process():  # another process of `accelerate launch`: the main one records
+            return
         weights = out / ("model" if config.finetuning == "full" else "adapter")
         artifacts = {"adapter": weights, "run_json": out / "run.json"}
-        entry = registry.record(
-            runs, persona, "train", registry.config_dict(train=config), artifacts=artifacts, loss=record.loss
-        )
+        settings = registry.config_dict(train=config, **registry.training_settings(record))
+        entry = registry.record(runs, persona, "train", settings, artifacts=artifacts, loss=record.loss)
     except MoltingError as exc:
         _fail(exc)
     if record.dpo:
@@ -303,7 +306,7 @@ def evaluate(
     model: Annotated[
         list[str],
         typer.Option(
-            help="GGUF file, model/adapter/run directory or embedded name; repeat for several, "
+            help="GGUF file, model/adapter/run directory, embedded name or Hub id ORG/NAME; repeat for several, "
             "the first is the reference for retention"
         ),
     ] = None,
@@ -480,7 +483,9 @@ def export(
 def chat(
     persona_dir: PersonaDir,
     message: Annotated[str, typer.Argument(help="one message; omit for an interactive session")] = None,
-    model: Annotated[str, typer.Option(help="GGUF file, model/adapter/run directory or embedded name")] = None,
+    model: Annotated[
+        str, typer.Option(help="GGUF file, model/adapter/run directory, embedded name or Hub id ORG/NAME")
+    ] = None,
     max_new_tokens: MaxNew = 200,
     repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
     temperature: Annotated[float, typer.Option(help="0 is greedy")] = GenerationConfig.temperature,
@@ -579,7 +584,7 @@ def run_all(
 @app.command()
 def bench(
     model: Annotated[
-        list[str], typer.Option(help="embedded name, reference name (random weights) or model directory")
+        list[str], typer.Option(help="embedded name, reference name (random weights), model directory or Hub id")
     ] = None,
     engine: Annotated[list[str], typer.Option(help="transformers, llama.cpp, 'llama.cpp raw' [default: all]")] = None,
     quant: Annotated[list[str], typer.Option(help="GGUF quantizations for llama.cpp")] = None,
@@ -633,7 +638,10 @@ def bench(
 @app.command()
 def fit(
     model: Annotated[
-        str, typer.Argument(help="GGUF file, model directory, or phi-3-mini / tinyllama-1.1b / smollm2-135m")
+        str,
+        typer.Argument(
+            help="GGUF file, model directory, Hub id ORG/NAME[@REVISION], or phi-3-mini / tinyllama-1.1b / smollm2-135m"
+        ),
     ],
     vram: Annotated[str, typer.Option(help="GPU memory, e.g. 4GiB")] = "4GiB",
     ctx: Annotated[int, typer.Option(help="context window n_ctx, tokens")] = 2048,

@@ -49,3 +49,8 @@ class ModelFileError(MoltingError):
     def __init__(self, path: Path | str, problem: str):
         self.path, self.problem = Path(path), problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class HubError(MoltingError):
+    """A base model named by its Hugging Face Hub id (``ORG/NAME[@REVISION]``) cannot be used:
+    not cached while offline, gated, not found, or published with pickle weights only."""

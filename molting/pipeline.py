@@ -115,6 +115,9 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
             ``bar(title, total)`` (a context manager yielding ``advance(done, total=None)``),
             ``table(result)`` (a RubricResult) and ``verify(report)`` (a VerifyReport); the CLI
             passes a rich one, tests a silent one.
+
+    Raises:
+        ConfigError: launched in several processes (``WORLD_SIZE`` > 1): only ``train`` runs data-parallel.
     """
     from molting.backends.llamacpp import LlamaCppBackend
     from molting.backends.transformers import TransformersBackend
@@ -122,6 +125,11 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
     from molting.eval.probes import load_probes
     from molting.models import resolve_base_model
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "molting run works in one process: train data-parallel with `accelerate launch -m molting.cli "
+            "train ...`, then export and evaluate its adapter in one process (docs/training.md)"
+        )
     config = replace(config, train=resolve_config(config.train))  # finetuning "auto" decided once, here
     out = Path(config.out or Path("runs") / persona.slug)
     out.mkdir(parents=True, exist_ok=True)
@@ -529,7 +537,11 @@ def _register(persona: Persona, config: RunConfig, record, results: dict, artifa
     if config.registry is None:
         return None
     settings = registry.config_dict(
-        train=config.train, generation=config.generation, sampling=config.sampling, quant=config.quant
+        train=config.train,
+        generation=config.generation,
+        sampling=config.sampling,
+        quant=config.quant,
+        **registry.training_settings(record),
     )
     entry = registry.record(
         config.registry,

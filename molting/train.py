@@ -31,7 +31,7 @@ from molting.data import BudgetReport, token_budget, with_system_prompt
 from molting.errors import ConfigError, MoltingError
 from molting.io import atomic_path
 from molting.modelfiles import check_adapter_dir, parameter_count
-from molting.models import SOURCE_FILE, resolve_base_model
+from molting.models import SOURCE_FILE, resolve_base, resolve_base_model
 from molting.persona import DATASET_FILE, PREFERENCES_FILE, Persona
 from molting.preferences import preference_budget
 from molting.registry import package_versions
@@ -160,6 +160,9 @@ class RunRecord:
     (TRL's names; rewards are beta x log-ratios to the reference, in nats), learning rate and
     grad norm. ``train_seconds`` covers both phases, ``dpo_seconds`` the DPO phase alone.
     ``pair_budget`` is the pairs' token budget (``BudgetReport.summary``, one "example" per pair).
+    ``base`` is where the base model came from (``molting.models.BaseModel.record``: for a Hub id,
+    the commit trained on). ``world_size`` is the number of data-parallel processes that trained
+    (``accelerate launch``); only the main one writes the weights and this record.
     """
 
     config: dict
@@ -174,6 +177,8 @@ class RunRecord:
     peak_memory_mb: float = 0.0
     peak_memory_kind: str = "rss"
     versions: dict = field(default_factory=dict)
+    base: dict = field(default_factory=dict)
+    world_size: int = 1
 
 
 def train(
@@ -189,7 +194,8 @@ def train(
     Args:
         persona: a loaded persona with examples (and preferences for DPO).
         output_dir: receives ``adapter/`` (one peft adapter directory, whatever the method) or,
-            with full fine-tuning, ``model/``; and ``run.json``.
+            with full fine-tuning, ``model/``; and ``run.json``. Under a data-parallel launch
+            (``accelerate launch``, ``torchrun``) every process trains and the main one writes.
         config: hyperparameters; TrainConfig() if None.
         on_step: called as on_step(step, total_steps, logs) after each optimizer step, for
             the SFT steps and then, counting from 1 again, the DPO steps.
@@ -203,12 +209,15 @@ def train(
     """
     config = resolve_config(config or TrainConfig())
     _check_data(persona, config)
-    model_dir = resolve_base_model(config.base_model)
+    base = resolve_base(config.base_model)
+    model_dir = base.path
     tokenizer = _training_tokenizer(model_dir)
     budget = token_budget(tokenizer, persona.examples, persona.train_system_prompt, config.max_length)
     device, quantization = _placement("none" if config.finetuning == "full" else config.quantization)
     model = _load_model(model_dir, quantization)
-    record = RunRecord(asdict(config), device, quantization, budget.summary(), versions=package_versions())
+    record = RunRecord(
+        asdict(config), device, quantization, budget.summary(), versions=package_versions(), base=base.record()
+    )
     if config.method == "dpo":
         pairs = preference_budget(tokenizer, persona.preferences, persona.train_system_prompt, config.max_length)
         record.pair_budget = pairs.summary()
@@ -230,8 +239,26 @@ def train(
         shutil.rmtree(scratch, ignore_errors=True)
     record.train_seconds = round(time.perf_counter() - start, 2)
     record.peak_memory_mb, record.peak_memory_kind = _peak_memory(device)
-    _save(model, record, Path(output_dir), model_dir if config.finetuning == "full" else None)
+    state = _process_state()
+    record.world_size = state.num_processes
+    if state.is_main_process:
+        _save(model, record, Path(output_dir), model_dir if config.finetuning == "full" else None)
+    state.wait_for_everyone()  # every process returns once the files exist
     return record
+
+
+def is_main_process() -> bool:
+    """False in the other processes of a data-parallel launch (``accelerate launch``, ``torchrun``):
+    they train beside the main one and write nothing."""
+    return _process_state().is_main_process
+
+
+def _process_state():
+    """accelerate's process state, which the trainers use: one process, or those of the launch
+    (``WORLD_SIZE``, ``RANK`` set by ``accelerate launch``/``torchrun``; gloo on the CPU, NCCL on CUDA)."""
+    from accelerate import PartialState
+
+    return PartialState()
 
 
 def _check_data(persona: Persona, config: TrainConfig) -> None:
