@@ -228,8 +228,8 @@ def _download(repo: str, revision: str | None, patterns: tuple[str, ...], cache:
         raise HubError(f"{name}: its cached snapshot in {cache} is incomplete; complete it with {fetch}") from None
     except errors.LocalEntryNotFoundError:
         if offline:
-            raise HubError(f"{name} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set; "
-                           f"fetch it with {fetch} (or run once online)") from None
+            raise HubError(f"{name} is neither a local directory nor in the Hugging Face cache {cache}, and "
+                           f"HF_HUB_OFFLINE is set; fetch it with {fetch} (or run once online)") from None
         raise HubError(f"{name}: the Hugging Face Hub cannot be reached and {cache} does not hold it; "
                        f"retry online, or fetch it with {fetch}") from None
     except errors.HfHubHTTPError as exc:

@@ -160,7 +160,8 @@ def _refused(tmp_path, base: str, cache: Path) -> str:
 
 def test_offline_and_not_cached_names_the_id_and_the_command_that_fetches_it(offline_cache, tmp_path):
     line = _refused(tmp_path, "other-org/absent@v2", offline_cache)
-    assert "other-org/absent@v2 is not in the Hugging Face cache" in line and "HF_HUB_OFFLINE" in line
+    assert "other-org/absent@v2 is neither a local directory nor in the Hugging Face cache" in line
+    assert "HF_HUB_OFFLINE is set" in line
     assert "`hf download other-org/absent --revision v2`" in line
 
 
