@@ -290,6 +290,9 @@ def _common_args(config: TrainConfig, device: str, quantization: str, scratch: s
         seed=config.seed,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # Data-parallel launches: every trained weight takes part in every forward pass, so DDP
+        # need not search the graph for unused ones after each backward (the Trainer's default here).
+        ddp_find_unused_parameters=False,
     )
 
 
