@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import shutil
 import tempfile
@@ -458,9 +459,14 @@ def _load_model(model_dir: Path, quantization: str):
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=nf4, dtype=torch.bfloat16, device_map={"": 0}
+        model_dir, quantization_config=nf4, dtype=torch.bfloat16, device_map={"": _local_gpu()}
     )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+
+
+def _local_gpu() -> int:
+    """This process's GPU: ``LOCAL_RANK`` under a data-parallel launch (each process its own card), else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def _peak_memory(device: str) -> tuple[float, str]:
