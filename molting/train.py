@@ -62,7 +62,8 @@ class TrainConfig:
     """Hyperparameters of a run. Defaults suit ~100 short examples on a 135M-1B model.
 
     Attributes:
-        base_model: embedded name (``smollm2-135m``) or a local model directory.
+        base_model: embedded name (``smollm2-135m``), a local model directory, or a Hugging Face
+            Hub id ``ORG/NAME[@REVISION]`` (see ``molting.models.resolve_base``).
         r, lora_alpha, lora_dropout, target_modules: the LoRA adapter (scale = lora_alpha / r).
         num_train_epochs, learning_rate, per_device_train_batch_size,
         gradient_accumulation_steps, warmup_ratio: the optimizer schedule (AdamW, linear decay).
