@@ -97,7 +97,9 @@ app = typer.Typer(
 )
 
 PersonaDir = Annotated[Path, typer.Argument(help="persona directory (persona.yaml, dataset.jsonl, rubric.yaml)")]
-Base = Annotated[str, typer.Option("--base", help="embedded model name or local model directory")]
+Base = Annotated[
+    str, typer.Option("--base", help="embedded model name, local model directory, or Hub id ORG/NAME[@REVISION]")
+]
 # Training options default to None: "TrainConfig's default", kept in one place (molting.train).
 Epochs = Annotated[float, typer.Option(help="training epochs [default: TrainConfig's]")]
 Rank = Annotated[int, typer.Option("--r", help="LoRA rank r [default: TrainConfig's]")]
@@ -372,7 +374,8 @@ def train(
     console.print(
         plain(
             f"{trained.weights.name}: {trained.weights}  ({record.train_seconds:.0f} s, "
-            f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind})\nregistered: {trained.entry}",
+            f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind})"
+            + (f"\nregistered: {trained.entry}" if trained.entry else ""),
             limit=4 * SHOWN,
         )
     )
@@ -384,7 +387,7 @@ def evaluate(
     model: Annotated[
         list[str],
         typer.Option(
-            help="GGUF file, model/adapter/run directory or embedded name; repeat for several, "
+            help="GGUF file, model/adapter/run directory, embedded name or Hub id ORG/NAME; repeat for several, "
             "the first is the reference for retention"
         ),
     ] = None,
@@ -542,7 +545,9 @@ def _base_inputs(base: str) -> list[Path]:
 def chat(
     persona_dir: PersonaDir,
     message: Annotated[str, typer.Argument(help="one message; omit for an interactive session")] = None,
-    model: Annotated[str, typer.Option(help="GGUF file, model/adapter/run directory or embedded name")] = None,
+    model: Annotated[
+        str, typer.Option(help="GGUF file, model/adapter/run directory, embedded name or Hub id ORG/NAME")
+    ] = None,
     max_new_tokens: MaxNew = 200,
     repetition_penalty: RepPenalty = GenerationConfig.repetition_penalty,
     temperature: Annotated[float, typer.Option(help="0 is greedy")] = GenerationConfig.temperature,
@@ -638,7 +643,7 @@ def run_all(
 @app.command()
 def bench(
     model: Annotated[
-        list[str], typer.Option(help="embedded name, reference name (random weights) or model directory")
+        list[str], typer.Option(help="embedded name, reference name (random weights), model directory or Hub id")
     ] = None,
     engine: Annotated[list[str], typer.Option(help="transformers, llama.cpp, 'llama.cpp raw' [default: all]")] = None,
     quant: Annotated[list[str], typer.Option(help="GGUF quantizations for llama.cpp")] = None,
@@ -689,7 +694,10 @@ def bench(
 @app.command()
 def fit(
     model: Annotated[
-        str, typer.Argument(help="GGUF file, model directory, or phi-3-mini / tinyllama-1.1b / smollm2-135m")
+        str,
+        typer.Argument(
+            help="GGUF file, model directory, Hub id ORG/NAME[@REVISION], or phi-3-mini / tinyllama-1.1b / smollm2-135m"
+        ),
     ],
     vram: Annotated[str, typer.Option(help="GPU memory, e.g. 4GiB")] = "4GiB",
     ctx: Annotated[int, typer.Option(help="context window n_ctx, tokens")] = 2048,

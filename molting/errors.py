@@ -51,6 +51,11 @@ class ModelFileError(MoltingError):
         super().__init__(f"{self.path}: {problem}")
 
 
+class HubError(MoltingError):
+    """A base model named by its Hugging Face Hub id (``ORG/NAME[@REVISION]``) cannot be used:
+    not cached while offline, gated, not found, or published with pickle weights only."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C after work worth keeping: the message says what was kept and how to go on.
 

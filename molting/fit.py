@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from molting.errors import ConfigError
-from molting.models import REFERENCE_CONFIGS, reference_config
+from molting.models import REFERENCE_CONFIGS, is_hub_id, reference_config, resolve_base
 
 MIB = 2**20
 GIB = 2**30
@@ -172,9 +172,11 @@ class ModelShape:
 
 
 def load_shape(model: str | Path) -> ModelShape:
-    """The shape of a GGUF file, a Hugging Face directory (``config.json``) or a reference name.
+    """The shape of a GGUF file, a Hugging Face directory (``config.json``), a reference name, or a
+    Hub id ``ORG/NAME[@REVISION]`` (its ``config.json`` alone is fetched into the Hugging Face cache).
 
     Raises:
+        HubError: a Hub id that cannot be resolved.
         ConfigError: none of those, an unreadable file, or an architecture the planner does not know.
     """
     if str(model) in REFERENCE_CONFIGS:
@@ -182,6 +184,9 @@ def load_shape(model: str | Path) -> ModelShape:
     path = Path(model)
     if path.suffix == ".gguf":
         return shape_from_gguf(path)
+    if is_hub_id(model):
+        config = resolve_base(model, weights=False).path / "config.json"
+        return shape_from_config(json.loads(config.read_text()), str(model))
     if (path / "config.json").is_file():
         return shape_from_config(json.loads((path / "config.json").read_text()), str(path))
     raise ConfigError(

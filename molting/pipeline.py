@@ -19,6 +19,7 @@ run registry (``molting.registry``) that ``molting compare`` reads.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,7 +41,7 @@ from molting.models import resolve_base_model
 from molting.persona import Persona
 from molting.persona_dir import PersonaDir, persona_dir
 from molting.run_report import run_report
-from molting.train import RunRecord, TrainConfig, TrainingData, prepare, resolve_config, train
+from molting.train import RunRecord, TrainConfig, TrainingData, is_main_process, prepare, resolve_config, train
 
 MODELS = ("base", "fine-tuned", "gguf")
 
@@ -117,9 +118,18 @@ def run(persona: Persona | PersonaDir, config: RunConfig, ui) -> RunResult:
             ``bar(title, total)`` (a context manager yielding ``advance(done, total=None)``),
             ``table(result)`` (a RubricResult) and ``verify(report)`` (a VerifyReport); the CLI
             passes a rich one, tests a silent one.
+
+    Raises:
+        ConfigError: launched in several processes (``WORLD_SIZE`` > 1): only ``train`` runs data-parallel.
     """
     from molting.backends.llamacpp import LlamaCppBackend
     from molting.backends.transformers import TransformersBackend
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "molting run works in one process: train data-parallel with `accelerate launch -m molting.cli "
+            "train ...`, then export and evaluate its adapter in one process (docs/training.md)"
+        )
 
     loaded = persona_dir(persona)
     persona = loaded.persona
@@ -214,8 +224,9 @@ def _train(persona: Persona, config: TrainConfig, out: Path, ui, data: TrainingD
         ui.step(f"Training {what} on {len(persona.examples)} examples{then}")
     with ui.bar("training", None) as advance:
         record = train(persona, out, config, on_step=lambda step, total, logs: advance(step, total), data=data)
-    with atomic_path(out / "budget.json") as tmp:
-        tmp.write_text(json.dumps(record.budget, indent=2))
+    if is_main_process():
+        with atomic_path(out / "budget.json") as tmp:
+            tmp.write_text(json.dumps(record.budget, indent=2))
     return record
 
 
@@ -252,9 +263,9 @@ def train_persona(
     record = _train(loaded.persona, config, out, ui, check_training_data(loaded, config, ui))
     weights = out / ("model" if config.finetuning == "full" else "adapter")
     entry = None
-    if runs is not None:
+    if runs is not None and is_main_process():  # under `accelerate launch` the main process records
         artifacts = {"adapter": weights, "run_json": out / "run.json"}
-        settings = registry.config_dict(train=config)
+        settings = registry.config_dict(train=config, **registry.training_settings(record))
         entry = registry.record(runs, loaded.persona, "train", settings, artifacts=artifacts, loss=record.loss).root
     return TrainResult(record, weights, entry)
 
@@ -479,7 +490,11 @@ def _register(persona: Persona, config: RunConfig, record, results: dict, artifa
     if config.registry is None:
         return None
     settings = registry.config_dict(
-        train=config.train, generation=config.generation, sampling=config.sampling, quant=config.quant
+        train=config.train,
+        generation=config.generation,
+        sampling=config.sampling,
+        quant=config.quant,
+        **registry.training_settings(record),
     )
     entry = registry.record(
         config.registry,

@@ -279,6 +279,14 @@ def config_dict(**parts: object) -> dict:
     return {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in parts.items() if v is not None}
 
 
+def training_settings(record) -> dict:
+    """What a training run adds to its entry's settings, from its ``molting.train.RunRecord``:
+    ``base`` (source, Hub repo, revision asked, commit trained on) and ``world_size``, so that
+    ``molting compare`` shows a change of base revision or of process count."""
+    base = {key: record.base.get(key) for key in ("source", "repo", "revision", "commit")}
+    return {"base": base, "world_size": record.world_size}
+
+
 def _flatten(data: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in data.items():

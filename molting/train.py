@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ from molting.data import BudgetReport, token_budget, with_system_prompt
 from molting.errors import ConfigError, MoltingError
 from molting.io import atomic_path
 from molting.modelfiles import check_adapter_dir, parameter_count, read_adapter_config
-from molting.models import SOURCE_FILE, resolve_base_model
+from molting.models import SOURCE_FILE, resolve_base, resolve_base_model
 from molting.persona import DATASET_FILE, PREFERENCES_FILE, Persona
 from molting.preferences import preference_budget
 from molting.templates import training_template
@@ -61,7 +62,8 @@ class TrainConfig:
     """Hyperparameters of a run. Defaults suit ~100 short examples on a 135M-1B model.
 
     Attributes:
-        base_model: embedded name (``smollm2-135m``) or a local model directory.
+        base_model: embedded name (``smollm2-135m``), a local model directory, or a Hugging Face
+            Hub id ``ORG/NAME[@REVISION]`` (see ``molting.models.resolve_base``).
         r, lora_alpha, lora_dropout, target_modules: the LoRA adapter (scale = lora_alpha / r).
         num_train_epochs, learning_rate, per_device_train_batch_size,
         gradient_accumulation_steps, warmup_ratio: the optimizer schedule (AdamW, linear decay).
@@ -160,6 +162,9 @@ class RunRecord:
     (TRL's names; rewards are beta x log-ratios to the reference, in nats), learning rate and
     grad norm. ``train_seconds`` covers both phases, ``dpo_seconds`` the DPO phase alone.
     ``pair_budget`` is the pairs' token budget (``BudgetReport.summary``, one "example" per pair).
+    ``base`` is where the base model came from (``molting.models.BaseModel.record``: for a Hub id,
+    the commit trained on). ``world_size`` is the number of data-parallel processes that trained
+    (``accelerate launch``); only the main one writes the weights and this record.
     """
 
     config: dict
@@ -174,6 +179,8 @@ class RunRecord:
     peak_memory_mb: float = 0.0
     peak_memory_kind: str = "rss"
     versions: dict = field(default_factory=dict)
+    base: dict = field(default_factory=dict)
+    world_size: int = 1
 
 
 @dataclass
@@ -227,7 +234,8 @@ def train(
     Args:
         persona: a loaded persona with examples (and preferences for DPO).
         output_dir: receives ``adapter/`` (one peft adapter directory, whatever the method) or,
-            with full fine-tuning, ``model/``; and ``run.json``.
+            with full fine-tuning, ``model/``; and ``run.json``. Under a data-parallel launch
+            (``accelerate launch``, ``torchrun``) every process trains and the main one writes.
         config: hyperparameters; TrainConfig() if None.
         on_step: called as on_step(step, total_steps, logs) after each optimizer step, for
             the SFT steps and then, counting from 1 again, the DPO steps.
@@ -243,10 +251,13 @@ def train(
     """
     data = data or prepare(persona, config)
     config, tokenizer = data.config, data.tokenizer
-    model_dir = resolve_base_model(config.base_model)
+    base = resolve_base(config.base_model)
+    model_dir = base.path
     device, quantization = _placement("none" if config.finetuning == "full" else config.quantization)
     model = _load_model(model_dir, quantization)
-    record = RunRecord(asdict(config), device, quantization, data.budget.summary(), versions=package_versions())
+    record = RunRecord(
+        asdict(config), device, quantization, data.budget.summary(), versions=package_versions(), base=base.record()
+    )
     if config.method == "dpo":
         record.pair_budget = data.pair_budget.summary()
     scratch = tempfile.mkdtemp(prefix="molting-trainer-")  # the trainers' own files; not kept
@@ -267,8 +278,26 @@ def train(
         shutil.rmtree(scratch, ignore_errors=True)
     record.train_seconds = round(time.perf_counter() - start, 2)
     record.peak_memory_mb, record.peak_memory_kind = _peak_memory(device)
-    _save(model, record, Path(output_dir), model_dir if config.finetuning == "full" else None)
+    state = _process_state()
+    record.world_size = state.num_processes
+    if state.is_main_process:
+        _save(model, record, Path(output_dir), model_dir if config.finetuning == "full" else None)
+    state.wait_for_everyone()  # every process returns once the files exist
     return record
+
+
+def is_main_process() -> bool:
+    """False in the other processes of a data-parallel launch (``accelerate launch``, ``torchrun``):
+    they train beside the main one and write nothing."""
+    return _process_state().is_main_process
+
+
+def _process_state():
+    """accelerate's process state, which the trainers use: one process, or those of the launch
+    (``WORLD_SIZE``, ``RANK`` set by ``accelerate launch``/``torchrun``; gloo on the CPU, NCCL on CUDA)."""
+    from accelerate import PartialState
+
+    return PartialState()
 
 
 def _check_data(persona: Persona, config: TrainConfig) -> None:
@@ -300,6 +329,9 @@ def _common_args(config: TrainConfig, device: str, quantization: str, scratch: s
         seed=config.seed,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # Data-parallel launches: every trained weight takes part in every forward pass, so DDP
+        # need not search the graph for unused ones after each backward (the Trainer's default here).
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -465,9 +497,14 @@ def _load_model(model_dir: Path, quantization: str):
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=nf4, dtype=torch.bfloat16, device_map={"": 0}
+        model_dir, quantization_config=nf4, dtype=torch.bfloat16, device_map={"": _local_gpu()}
     )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+
+
+def _local_gpu() -> int:
+    """This process's GPU: ``LOCAL_RANK`` under a data-parallel launch (each process its own card), else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def _peak_memory(device: str) -> tuple[float, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from molting.backends.base import Backend, Chunk, GenerationConfig, Memory, Message, Response
 from molting.errors import ConfigError, ModelFileError
-from molting.models import EMBEDDED, embedded_gguf, resolve_base_model
+from molting.models import EMBEDDED, embedded_gguf, is_hub_id, resolve_base_model
 
 __all__ = ["Backend", "Chunk", "GenerationConfig", "Memory", "Message", "Response", "load_backend"]
 
@@ -21,13 +21,15 @@ def load_backend(model: str | Path, **options) -> Backend:
     Args:
         model: a ``.gguf`` file (llama.cpp); a model directory (transformers); a
             peft adapter directory (transformers, base from its adapter_config.json);
-            a ``molting run`` output directory (its GGUF); or an embedded model
-            name such as ``smollm2-135m`` (its GGUF, through llama.cpp).
+            a ``molting run`` output directory (its GGUF); an embedded model
+            name such as ``smollm2-135m`` (its GGUF, through llama.cpp); or a Hugging
+            Face Hub id ``ORG/NAME[@REVISION]`` (transformers, see molting.models.resolve_base).
         **options: passed to the engine's constructor (``n_ctx``, ``dtype``, ...).
 
     Raises:
         ModelFileError: ``model`` is missing, or a file or directory that cannot be used
             (truncated or corrupt GGUF, wrong magic, no weights; see molting.modelfiles).
+        HubError: a Hub id that cannot be resolved.
         ConfigError: nothing usable at ``model``.
     """
     if str(model) in EMBEDDED:
@@ -35,6 +37,8 @@ def load_backend(model: str | Path, **options) -> Backend:
     path = Path(model)
     if path.suffix == ".gguf" or _has_gguf_magic(path):
         return _llamacpp(path, **options)
+    if is_hub_id(model):
+        return _transformers(str(model), **options)
     if not path.exists():
         raise ModelFileError(path, f"no such file or directory, nor an embedded model ({', '.join(sorted(EMBEDDED))})")
     if (path / "adapter_config.json").is_file():

@@ -48,7 +48,8 @@ class TransformersBackend(Backend):
     """Generate with a transformers causal LM.
 
     Args:
-        model: embedded name or local model directory (see molting.models.resolve_base_model).
+        model: embedded name, local model directory or Hub id ``ORG/NAME[@REVISION]``
+            (see molting.models.resolve_base).
         adapter: optional peft adapter directory, applied on top of ``model``.
         dtype: "fp32", "bf16" or "4bit" (bitsandbytes NF4, double-quantized, bf16 compute;
             CUDA, or CPU with bitsandbytes 0.50's CPU backend).

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from molting.errors import ConfigError
 from molting.io import atomic_path
-from molting.models import EMBEDDED, REFERENCE_CONFIGS, reference_config, resolve_base_model
+from molting.models import EMBEDDED, REFERENCE_CONFIGS, is_hub_id, reference_config, resolve_base_model
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
@@ -99,18 +99,20 @@ def standin_tokenizer():
 
 
 def model_dir(name: str, cache: Path) -> Path:
-    """The transformers directory of a bench model: embedded name, reference name (random) or directory.
+    """The transformers directory of a bench model: embedded name, reference name (random), directory
+    or Hub id ``ORG/NAME[@REVISION]``.
 
     Raises:
+        HubError: a Hub id that cannot be resolved.
         ConfigError: none of those.
     """
-    if name in EMBEDDED or (Path(name) / "config.json").is_file():
+    if name in EMBEDDED or (Path(name) / "config.json").is_file() or is_hub_id(name):
         return resolve_base_model(name)
     if name in REFERENCE_CONFIGS:
         return random_model_dir(name, cache)
     raise ConfigError(
         f"bench model {name!r} is not an embedded model {sorted(EMBEDDED)}, a reference "
-        f"configuration {sorted(REFERENCE_CONFIGS)} or a directory with config.json"
+        f"configuration {sorted(REFERENCE_CONFIGS)}, a directory with config.json or a Hub id ORG/NAME"
     )
 
 
