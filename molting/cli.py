@@ -707,7 +707,7 @@ def fit(
 
 
 def _fit_training(model: str, setup, vram: str) -> None:
-    """``molting fit --train``: the table of every fine-tuning x checkpointing, the terms of the asked setup, the plan."""
+    """``molting fit --train``: every fine-tuning x checkpointing, the asked setup's terms, the plan."""
     from molting import fit as planner
     from molting import fit_train
 
@@ -719,11 +719,12 @@ def _fit_training(model: str, setup, vram: str) -> None:
     mib = planner.MIB
     title = (
         f"{shape.name}: training at max_length {setup.max_length}, batch {setup.batch_size}, "
-        f"on {setup.device}, budget {result.budget / mib:.0f} MiB (figures in MiB)"
+        f"on {setup.device}, budget {result.budget / mib:.0f} MiB (MiB; train: trainable params, grads, "
+        f"AdamW; other: NF4 state, dequantized weight, CUDA context and reserve)"
     )
     table = Table(title=title)
-    for column in ("fine-tuning", "checkpointing", "weights", "trainable+optim", "activations", "loss", "other", "total", "fits"):
-        table.add_column(column, justify="left" if column in ("fine-tuning", "checkpointing", "fits") else "right")
+    for column in ("method", "ckpt", "weights", "train", "activ.", "loss", "other", "total", "fits"):
+        table.add_column(column, justify="left" if column in ("method", "ckpt", "fits") else "right")
     for e in result.table:
         other = e.quant_state + e.dequant + e.runtime
         sizes = (e.weights, e.trainable, e.activations, e.logits, other, e.total)

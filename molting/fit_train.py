@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from molting.errors import ConfigError
-from molting.fit import MIB, MARGIN, ModelShape
+from molting.fit import MARGIN, MIB, ModelShape
 
 FINETUNINGS = ("full", "lora", "qlora")
 DEVICES = ("cuda", "cpu")
@@ -137,7 +137,7 @@ class TrainEstimate:
             (f"activations ({'checkpointed' if self.setup.ckpt else 'all kept'})", self.activations),
             ("loss over the vocabulary", self.logits),
             ("dequantized 4-bit weight", self.dequant),
-            ("CUDA context + allocator reserve" if self.setup.device == "cuda" else "runtime (CPU: none)", self.runtime),
+            ("CUDA context + allocator reserve" if self.setup.device == "cuda" else "CPU: no runtime", self.runtime),
         ]
 
 
@@ -260,11 +260,8 @@ def activation_bytes(shape: ModelShape, setup: TrainSetup) -> int:
     per_layer = layer_activation_bytes(shape, setup)
     stream = 4 * shape.n_embd
     outside = (3 if setup.finetuning == "full" else 1) * stream
-    if setup.ckpt:
-        per_token = shape.n_layer * stream + per_layer + outside
-    else:
-        per_token = shape.n_layer * per_layer + outside
-    return setup.tokens * per_token
+    kept = shape.n_layer * stream + per_layer if setup.ckpt else shape.n_layer * per_layer
+    return setup.tokens * (kept + outside)
 
 
 def logits_bytes(shape: ModelShape, setup: TrainSetup) -> int:
@@ -278,12 +275,13 @@ def logits_bytes(shape: ModelShape, setup: TrainSetup) -> int:
 
     - CUDA (Triton kernels): the tile buffer in bf16, allocated ``TRL_VOCAB_TILE`` wide, and the
       bf16 copy of an fp32 ``lm_head`` the projection makes, plus the fp32 gradient of the hidden states;
-    - CPU (torch fallback): ``CPU_LOSS_TILES`` fp32 temporaries of ``tokens x n_vocab`` alive in
-      the backward tile (only the touched columns of the wide buffer become resident).
+    - CPU (torch fallback): ``CPU_LOSS_TILES`` fp32 temporaries the size of one tile
+      (``tokens x min(n_vocab, TRL_VOCAB_TILE)``) alive in the backward tile; of the wide
+      buffer only the touched columns become resident.
     """
     tokens = setup.tokens
     if setup.device == "cpu":
-        return CPU_LOSS_TILES * 4 * tokens * shape.n_vocab
+        return CPU_LOSS_TILES * 4 * min(tokens, TRL_TOKEN_TILE) * min(shape.n_vocab, TRL_VOCAB_TILE)
     tile = min(tokens, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * 2
     head_copy = 2 * shape.n_vocab * shape.n_embd
     return tile + head_copy + 4 * tokens * shape.n_embd

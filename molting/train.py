@@ -2,8 +2,8 @@
 
 LoRA (Hu et al., 2021, arXiv:2106.09685) through peft; QLoRA (Dettmers et al.,
 2023, arXiv:2305.14314: NF4 base, double quantization, bf16 compute) through
-bitsandbytes, on CUDA or (slowly) on the CPU, the base loaded by molting's NF4 loader; supervised fine-tuning through TRL's
-``SFTTrainer`` with the loss on assistant tokens only. The training system prompt
+bitsandbytes, on CUDA or (slowly) on the CPU, the base loaded by molting's NF4 loader;
+supervised fine-tuning through TRL's ``SFTTrainer`` with the loss on assistant tokens only. The training system prompt
 is prepended to every example; the inference prompt is used at inference.
 
 ``method="dpo"`` continues the same adapter with Direct Preference Optimization
