@@ -146,20 +146,33 @@ def measure(row: dict, steps: int, r: int) -> dict:
     }
 
 
+def estimates(row: dict, r: int) -> tuple[float, float, float]:
+    """The planner's (CPU total, CUDA allocated, CUDA total) for ``row``, in MiB, by the current planner."""
+    from molting.fit import MIB, load_shape
+    from molting.fit_train import TrainSetup, estimate_training
+
+    shape = load_shape(row["model"])  # the exact configuration: the random models have it too
+    setup = TrainSetup(row["finetuning"], r, row["max_length"], 1, row["checkpointing"], "cpu")
+    cpu = estimate_training(shape, setup)
+    gpu = estimate_training(shape, TrainSetup(row["finetuning"], r, row["max_length"], 1, row["checkpointing"]))
+    return cpu.total / MIB, gpu.allocated / MIB, gpu.total / MIB
+
+
 def report(path: Path) -> str:
-    """The markdown table of a JSONL file of rows."""
+    """The markdown table of a JSONL file of rows, the estimates recomputed by the current planner."""
     lines = [
-        "| model | fine-tuning | r | max_length | checkpointing | steps | s | measured (MiB) | CPU estimate (MiB) "
-        "| error | CUDA estimate: allocated / with context (MiB) |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| model | fine-tuning | r | max_length | checkpointing | steps | s | measured (MiB) | anonymous (MiB) "
+        "| CPU estimate (MiB) | error | CUDA estimate: allocated / with context (MiB) |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for line in path.read_text().splitlines():
         x = json.loads(line)
+        cpu, allocated, total = estimates(x, x["r"])
         lines.append(
             f"| {x['model']} | {x['finetuning']} | {x['r']} | {x['max_length']} "
-            f"| {'on' if x['checkpointing'] else 'off'} "
-            f"| {x['steps']} | {x['seconds']:.0f} | {x['measured_mib']:.0f} | {x['estimate_cpu_mib']:.0f} "
-            f"| {x['error']:+.1%} | {x['estimate_cuda_allocated_mib']:.0f} / {x['estimate_cuda_total_mib']:.0f} |"
+            f"| {'on' if x['checkpointing'] else 'off'} | {x['steps']} | {x['seconds']:.0f} "
+            f"| {x['measured_mib']:.0f} | {x['anon_peak_mib']:.0f} | {cpu:.0f} | {cpu / x['measured_mib'] - 1:+.1%} "
+            f"| {allocated:.0f} / {total:.0f} |"
         )
     return "\n".join(lines)
 
