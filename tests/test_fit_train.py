@@ -170,3 +170,34 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
     ]
     assert not list(tmp_path.iterdir())
     assert MIB == 2**20
+
+
+def test_train_stops_with_one_line_when_the_estimate_exceeds_the_device(tiny_llama_dir, tmp_path, monkeypatch):
+    """`molting train` prints its estimate; over the device's memory it names a plan that fits and
+    writes nothing; --force passes the check (the run itself is stopped right after it here)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    import molting.train
+    from molting.cli import app
+    from molting.train import TrainConfig, memory_plan
+
+    monkeypatch.setattr(molting.train, "_device_memory", lambda device: 6 * MIB)
+    shutil.copytree("examples/claudio", tmp_path / "claudio")
+    args = ["train", str(tmp_path / "claudio"), "--base", str(tiny_llama_dir), "--finetuning", "lora",
+            "--no-checkpointing", "--out", str(tmp_path / "run"), "--runs", str(tmp_path / "runs")]
+    plan = memory_plan(TrainConfig(base_model=str(tiny_llama_dir), finetuning="lora", checkpointing=False))
+    assert not plan.fits(plan.asked) and plan.best is not None  # the premise: 6 MiB is too little, a plan fits
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "memory estimate:" in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "would fit: qlora r=16" in errors[0] and "--force" in errors[0]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+    def stop(*args, **kwargs):
+        raise SystemExit(7)
+
+    monkeypatch.setattr(molting.train, "train", stop)
+    assert CliRunner().invoke(app, [*args, "--force"]).exit_code == 7  # past the check, into training
