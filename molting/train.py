@@ -75,7 +75,8 @@ class TrainConfig:
             8 steps) that gave the same losses at the same speed as 4 x 1, with a peak RSS of
             2.2 GB instead of 5.4 GB: about 1 GB per sequence in the micro-batch.
         max_length: tokens per training sequence; longer examples are truncated and reported.
-        quantization: "auto" (4-bit NF4 on CUDA, none on CPU), "4bit" or "none".
+        quantization: "auto" (4-bit NF4 on CUDA, none on CPU), "4bit" (QLoRA; on the CPU too,
+            slowly, with a warning) or "none".
         seed: for the adapter's init and the data order.
         method: "sft" (supervised fine-tuning on the dataset) or "dpo" (that, then DPO on the
             persona's ``preferences.jsonl``, continuing the same adapter).
