@@ -17,12 +17,12 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from molting import backends, registry
+from molting import backends, fit_train, registry
 from molting import fit as planner
 from molting.backends.base import GenerationConfig
 from molting.bench import BenchConfig, report
 from molting.bench import bench as run_bench
-from molting.errors import Interrupted, MoltingError
+from molting.errors import ConfigError, Interrupted, MoltingError
 from molting.eval.probes import probes_table
 from molting.eval.report import retention_table, score_cell
 from molting.eval.rubric import Sampling
@@ -112,6 +112,10 @@ Method = Annotated[
     typer.Option(
         help="sft, or dpo: SFT, then DPO on the persona's preferences.jsonl in the same adapter [default: sft]"
     ),
+]
+Checkpointing = Annotated[
+    bool | None,
+    typer.Option("--checkpointing/--no-checkpointing", help="activation checkpointing [default: on for 4-bit]"),
 ]
 Finetuning = Annotated[
     str,
@@ -350,16 +354,22 @@ def train(
     finetuning: Finetuning = None,
     sft_adapter: SftAdapter = None,
     runs: Runs = Path("runs"),
+    checkpointing: Checkpointing = None,
+    force: Annotated[bool, typer.Option(help="train even when the memory estimate exceeds the device")] = False,
 ) -> None:
     """Lint the persona's dataset, then fine-tune on it: every weight of a small model, else a LoRA adapter
-    (--finetuning); --method dpo: then DPO on its preferences."""
+    (--finetuning); --method dpo: then DPO on its preferences. Prints the memory estimate first and stops
+    when it exceeds the device's memory (--force trains anyway)."""
     from molting.pipeline import train_persona
+    from molting.train import resolve_config
 
     try:
         loaded = load_persona(persona_dir)
         config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method, finetuning)
         if sft_adapter is not None:
             config = replace(config, sft_adapter=str(sft_adapter))
+        config = resolve_config(replace(config, checkpointing=checkpointing))
+        _check_training_memory(config, force)
         trained = train_persona(loaded, config, RichUI(), out=out, runs=runs)
     except MoltingError as exc:
         _fail(exc)
@@ -378,6 +388,26 @@ def train(
             + (f"\nregistered: {trained.entry}" if trained.entry else ""),
             limit=4 * SHOWN,
         )
+    )
+
+
+def _check_training_memory(config, force: bool) -> None:
+    """Print the planner's estimate of ``config``; raise ConfigError when it does not fit, unless ``force``."""
+    from molting.train import memory_plan
+
+    plan = memory_plan(config)
+    asked = plan.asked
+    console.print(
+        f"memory estimate: {asked.total / MIB:.0f} MiB on {asked.setup.device} "
+        f"({fit_train.describe_setup(asked.setup)}; {fit_train.usable(plan.budget) / MIB:.0f} MiB usable)", markup=False
+    )
+    if plan.fits(asked) or force:
+        return
+    hint = f"would fit: {fit_train.describe_setup(plan.best.setup)}" if plan.best else "no setup fits"
+    usable = fit_train.usable(plan.budget)
+    raise ConfigError(
+        f"training needs about {asked.total / MIB:.0f} MiB, more than the {usable / MIB:.0f} MiB "
+        f"usable on {asked.setup.device}; {hint} (--force trains anyway)"
     )
 
 
@@ -706,8 +736,23 @@ def fit(
     repack: Annotated[
         bool, typer.Option(help="count llama.cpp's CPU weight repacking in RAM; --no-repack as in molting bench")
     ] = True,
+    train: Annotated[bool, typer.Option("--train", help="plan training instead of llama.cpp inference")] = False,
+    finetuning: Annotated[str, typer.Option(help="--train: full, lora or qlora")] = "qlora",
+    r: Annotated[int, typer.Option("--r", help="--train: LoRA rank")] = 16,
+    max_length: Annotated[int, typer.Option(help="--train: tokens per sequence")] = 512,
+    batch_size: Annotated[int, typer.Option(help="--train: sequences per micro-batch")] = 1,
+    checkpointing: Checkpointing = None,
+    device: Annotated[str, typer.Option(help="--train: cuda (VRAM) or cpu (RAM growth of the process)")] = "cuda",
 ) -> None:
-    """Estimate llama.cpp's memory per quantization, KV cache type and offloaded layers; print the best plan."""
+    """Estimate llama.cpp's memory per quantization, KV cache type and offloaded layers; print the best plan.
+    With --train: the memory of full fine-tuning, LoRA or QLoRA, term by term, and the best setup that fits."""
+    if train:
+        try:
+            setup = fit_train.TrainSetup(finetuning, r, max_length, batch_size, checkpointing, device)
+        except MoltingError as exc:
+            _fail(exc)
+        _fit_training(model, setup, vram)
+        return
     try:
         shape = planner.load_shape(model)
         result = planner.plan(shape, planner.parse_size(vram), ctx, reserve=planner.parse_size(reserve), repack=repack)
@@ -720,6 +765,41 @@ def fit(
         best = result.best
         rows = planner.layer_table(shape, best.quant, best.kv_type, ctx, result.reserve, repack)
         console.print(_layers_table(rows))
+
+
+def _fit_training(model: str, setup, vram: str) -> None:
+    """``molting fit --train``: every fine-tuning x checkpointing, the asked setup's terms, the plan."""
+    try:
+        shape = planner.load_shape(model)
+        result = fit_train.plan_training(shape, setup, planner.parse_size(vram))
+    except MoltingError as exc:
+        _fail(exc)
+    mib = planner.MIB
+    title = (
+        f"{shape.name}: training at max_length {setup.max_length}, batch {setup.batch_size}, "
+        f"on {setup.device}, budget {result.budget / mib:.0f} MiB (MiB; train: trainable params, grads, "
+        f"AdamW; other: NF4 state, dequantized weight, CUDA context and reserve)"
+    )
+    table = Table(title=title)
+    for column in ("method", "ckpt", "weights", "train", "activ.", "loss", "other", "total", "fits"):
+        table.add_column(column, justify="left" if column in ("method", "ckpt", "fits") else "right")
+    for e in result.table:
+        other = e.quant_state + e.dequant + e.runtime
+        sizes = (e.weights, e.trainable, e.activations, e.logits, other, e.total)
+        table.add_row(
+            e.setup.finetuning, "on" if e.setup.ckpt else "off", *(f"{b / mib:.0f}" for b in sizes),
+            "yes" if result.fits(e) else "no",
+        )
+    console.print(table)
+    terms = Table(title=fit_train.describe_setup(result.asked.setup))
+    terms.add_column("term")
+    terms.add_column("MiB", justify="right")
+    for name, size in result.asked.rows():
+        terms.add_row(name, f"{size / mib:.1f}")
+    terms.add_row("total", f"{result.asked.total / mib:.1f}")
+    console.print(terms)
+    for line in fit_train.describe_plan(result):
+        console.print(line, markup=False)
 
 
 def _fit_table(result) -> Table:

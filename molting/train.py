@@ -2,8 +2,8 @@
 
 LoRA (Hu et al., 2021, arXiv:2106.09685) through peft; QLoRA (Dettmers et al.,
 2023, arXiv:2305.14314: NF4 base, double quantization, bf16 compute) through
-bitsandbytes when CUDA is present; supervised fine-tuning through TRL's
-``SFTTrainer`` with the loss on assistant tokens only. The training system prompt
+bitsandbytes, on CUDA or (slowly) on the CPU, the base loaded by molting's NF4 loader;
+supervised fine-tuning through TRL's ``SFTTrainer`` with the loss on assistant tokens only. The training system prompt
 is prepended to every example; the inference prompt is used at inference.
 
 ``method="dpo"`` continues the same adapter with Direct Preference Optimization
@@ -20,6 +20,7 @@ import resource
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
 from molting.data import BudgetReport, token_budget, with_system_prompt
 from molting.errors import ConfigError, MoltingError
+from molting.fit import shape_from_config
+from molting.fit_train import TrainSetup, plan_training
 from molting.io import atomic_path
 from molting.modelfiles import check_adapter_dir, parameter_count, read_adapter_config
 from molting.models import SOURCE_FILE, resolve_base, resolve_base_model
@@ -55,6 +58,10 @@ BYTES_PER_TRAINED_PARAMETER = 16
 LEARNING_RATES = {"lora": 1e-3, "full": 1e-4}
 # The frozen copy of the SFT adapter that TRL's DPOTrainer makes for the reference (see _dpo).
 REFERENCE_ADAPTER = "ref"
+CPU_4BIT_WARNING = (
+    "4-bit (QLoRA) training on the CPU: bitsandbytes dequantizes every NF4 block at every matmul, "
+    "so it runs several times slower than plain LoRA in fp32; it saves memory, not time"
+)
 
 
 @dataclass
@@ -72,7 +79,8 @@ class TrainConfig:
             8 steps) that gave the same losses at the same speed as 4 x 1, with a peak RSS of
             2.2 GB instead of 5.4 GB: about 1 GB per sequence in the micro-batch.
         max_length: tokens per training sequence; longer examples are truncated and reported.
-        quantization: "auto" (4-bit NF4 on CUDA, none on CPU), "4bit" or "none".
+        quantization: "auto" (4-bit NF4 on CUDA, none on CPU), "4bit" (QLoRA; on the CPU too,
+            slowly, with a warning) or "none".
         seed: for the adapter's init and the data order.
         method: "sft" (supervised fine-tuning on the dataset) or "dpo" (that, then DPO on the
             persona's ``preferences.jsonl``, continuing the same adapter).
@@ -89,6 +97,8 @@ class TrainConfig:
             or "auto": "full" for a model whose full fine-tuning state fits in
             ``FULL_FINETUNING_BYTES`` (SFT, no 4-bit asked), else "lora". ``resolve_config``
             decides it before training; ``train`` records the decided value.
+        checkpointing: activation checkpointing (recompute each layer in the backward pass instead
+            of keeping its activations); None: on exactly for a 4-bit base.
     """
 
     base_model: str = "smollm2-135m"
@@ -110,6 +120,7 @@ class TrainConfig:
     dpo_learning_rate: float = 1e-4
     finetuning: Finetuning = "auto"
     sft_adapter: str | None = None
+    checkpointing: bool | None = None
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "4bit", "none"):
@@ -246,15 +257,15 @@ def train(
         The run record (also written to ``output_dir/run.json``).
 
     Raises:
-        ConfigError: no examples, ``method="dpo"`` without ``preferences.jsonl``, 4-bit asked
-            without CUDA, an unsupported chat template.
+        ConfigError: no examples, ``method="dpo"`` without ``preferences.jsonl``, an
+            unsupported chat template.
     """
     data = data or prepare(persona, config)
     config, tokenizer = data.config, data.tokenizer
     base = resolve_base(config.base_model)
     model_dir = base.path
     device, quantization = _placement("none" if config.finetuning == "full" else config.quantization)
-    model = _load_model(model_dir, quantization)
+    model = _load_model(model_dir, quantization, device)
     record = RunRecord(
         asdict(config), device, quantization, data.budget.summary(), versions=package_versions(), base=base.record()
     )
@@ -320,7 +331,7 @@ def _common_args(config: TrainConfig, device: str, quantization: str, scratch: s
         warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of the total steps
         lr_scheduler_type="linear",
         max_length=config.max_length,
-        **_checkpointing(quantization == "4bit"),
+        **_checkpointing(quantization == "4bit" if config.checkpointing is None else config.checkpointing),
         bf16=device == "cuda",
         use_cpu=device == "cpu",
         logging_steps=1,
@@ -474,32 +485,86 @@ def _checkpointing(enabled: bool) -> dict[str, bool]:
     return {name: enabled}
 
 
-def _placement(quantization: Quantization) -> tuple[str, str]:
+def memory_plan(config: TrainConfig, budget: int | None = None):
+    """The training memory planner's verdict on ``config`` (``molting.fit_train.plan_training``).
+
+    Args:
+        config: a resolved config (``resolve_config``).
+        budget: device memory, bytes; default: the GPU's total memory, or on the CPU the
+            memory available now (``MemAvailable``).
+
+    Returns:
+        A ``molting.fit_train.TrainPlan``: the estimate of ``config`` and the nearest setup that fits.
+
+    Raises:
+        ConfigError: an architecture the planner does not know.
+    """
+
+    model_dir = resolve_base_model(config.base_model)
+    shape = shape_from_config(json.loads((model_dir / "config.json").read_text()), str(model_dir))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if quantization == "auto":
-        quantization = "4bit" if device == "cuda" else "none"
+    quantized = config.finetuning == "lora" and _quantized(config.quantization, device)
+    setup = TrainSetup(
+        finetuning="qlora" if quantized else config.finetuning,
+        r=config.r,
+        max_length=config.max_length,
+        batch_size=config.per_device_train_batch_size,
+        checkpointing=config.checkpointing,
+        device=device,
+        lora_dropout=config.lora_dropout,
+    )
+    return plan_training(shape, setup, _device_memory(device) if budget is None else budget)
+
+
+def _device_memory(device: str) -> int:
+    """Bytes of the GPU, or of the RAM available now (``MemAvailable`` of /proc/meminfo)."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise ConfigError("cannot read MemAvailable from /proc/meminfo; pass the memory budget explicitly")
+
+
+def _quantized(quantization: Quantization, device: str) -> bool:
+    return quantization == "4bit" or (quantization == "auto" and device == "cuda")
+
+
+def _placement(quantization: Quantization) -> tuple[str, str]:
+    """The device and the quantization a run uses: "auto" is 4-bit on CUDA, none on the CPU.
+
+    4-bit on the CPU is allowed (bitsandbytes 0.50 quantizes and runs NF4 there) with a
+    warning: its matmuls dequantize every block at every step, several times slower than fp32.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantization = "4bit" if _quantized(quantization, device) else "none"
     if quantization == "4bit" and device != "cuda":
-        raise ConfigError("quantization='4bit' (QLoRA) needs CUDA; on CPU use quantization='none' (plain LoRA)")
+        warnings.warn(CPU_4BIT_WARNING, stacklevel=2)
     return device, quantization
 
 
-def _load_model(model_dir: Path, quantization: str):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def _load_model(model_dir: Path, quantization: str, device: str = "cpu"):
+    """The base to train: fp32, or QLoRA's NF4 base through molting's tensor-by-tensor loader.
+
+    The 4-bit base goes through ``molting.backends.nf4.load_nf4`` (NF4, double quantization,
+    bf16 compute), not transformers' ``from_pretrained(quantization_config=...)``: that path
+    materialized full-precision weights before quantizing them in transformers 5.x (issue
+    #43032; the phase-8 load peak of 7.6 GB for Phi-3-mini). ``load_nf4`` holds one
+    full-precision tensor at a time. peft's ``prepare_model_for_kbit_training`` then freezes
+    the base and casts what is not 4-bit (embeddings, lm_head, norms) to fp32, as it does for
+    a transformers-loaded base.
+    """
+    from transformers import AutoModelForCausalLM
 
     if quantization == "none":
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     from peft import prepare_model_for_kbit_training
 
-    nf4 = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=nf4, dtype=torch.bfloat16, device_map={"": _local_gpu()}
-    )
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    from molting.backends.nf4 import load_nf4
+
+    target = f"cuda:{_local_gpu()}" if device == "cuda" else device
+    model = load_nf4(model_dir, target)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # the trainer checkpoints
 
 
 def _local_gpu() -> int:

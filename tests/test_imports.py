@@ -33,6 +33,7 @@ HEAVY = {
 # layer that generates text (export's check, Persona.chat, the rubric) calls one.
 LAYERS = [
     ("base", ["errors", "io", "names", "text", "versions", "templates", "modelfiles", "models", "eval.checks"]),
+    ("planners", ["fit", "fit_train"]),
     ("backends", ["backends"]),
     ("persona and data formats", ["data", "preferences", "persona"]),
     ("train", ["train"]),
@@ -40,7 +41,7 @@ LAYERS = [
     ("eval", ["eval"]),
     ("persona directory and lint", ["persona_dir", "lint"]),
     ("report and registry", ["plots", "run_report", "registry"]),
-    ("commands", ["pipeline", "fit", "bench", "cli", ""]),
+    ("commands", ["pipeline", "bench", "cli", ""]),
 ]
 
 

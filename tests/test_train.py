@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+import molting.train
 from molting.errors import ConfigError
 from molting.persona import Persona
 from molting.templates import PROBE, template_family, training_template
@@ -132,10 +133,38 @@ def test_auto_trains_every_weight_of_a_small_model_and_lora_otherwise(tiny_llama
     assert resolve_config(base).finetuning == "full"
 
 
-def test_4bit_without_cuda_is_refused(tiny_llama_dir, tmp_path):
-    config = TrainConfig(base_model=str(tiny_llama_dir), quantization="4bit")
-    with pytest.raises(ConfigError, match="needs CUDA"):
-        train(tiny_persona(tmp_path), tmp_path / "run", config)
+def test_qlora_on_the_cpu_trains_a_phi3_shape_merges_and_exports(tiny_phi3_dir, tmp_path):
+    """Issue 21: a 4-bit (NF4) base trains on the CPU, with a warning about speed, through molting's
+    NF4 loader; the loss (on the assistant's tokens: the training template marks them) falls, and
+    the adapter merges into the full-precision base and exports to GGUF."""
+    import bitsandbytes as bnb
+    import gguf
+    from safetensors import safe_open
+
+    from molting.export import merge_adapter, write_gguf
+
+    loaded = []
+    original = molting.train._load_model
+    molting_loader = lambda *args: loaded.append(original(*args)) or loaded[-1]  # noqa: E731
+    config = TrainConfig(
+        base_model=str(tiny_phi3_dir), quantization="4bit", num_train_epochs=3, per_device_train_batch_size=2,
+        gradient_accumulation_steps=1, r=4, lora_alpha=8, learning_rate=1e-2, finetuning="lora",
+    )
+    with pytest.MonkeyPatch.context() as patch, pytest.warns(UserWarning, match="4-bit .* on the CPU"):
+        patch.setattr(molting.train, "_load_model", molting_loader)
+        record = train(tiny_persona(tmp_path), tmp_path / "run", config)
+    assert record.quantization == "4bit" and record.device == "cpu"
+    qkv = loaded[0].model.layers[0].self_attn.qkv_proj.base_layer  # peft wrapped it in place
+    assert isinstance(qkv, bnb.nn.Linear4bit) and qkv.weight.quant_state.nested  # NF4 with double quantization
+    losses = [entry["loss"] for entry in record.loss]
+    assert len(losses) == 9 and losses[-1] < 0.7 * losses[0]
+    with safe_open(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+        assert {key.split(".")[-3] for key in f.keys()} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}  # noqa: SIM118
+    merged = merge_adapter(tiny_phi3_dir, tmp_path / "run" / "adapter", tmp_path / "merged")
+    out = write_gguf(merged, tmp_path / "phi3.gguf", outtype="f16")
+    reader = gguf.GGUFReader(out)
+    assert reader.get_field("general.architecture").contents() == "phi3"
+    assert any(t.name == "blk.0.attn_qkv.weight" for t in reader.tensors)
 
 
 def test_bad_config_values_are_named():
