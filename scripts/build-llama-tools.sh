@@ -56,7 +56,7 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
     # shellcheck disable=SC2086  # LLAMA_CMAKE_ARGS is a list of words
     cmake -S "$src/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF $LLAMA_CMAKE_ARGS >"$build.configure.log" 2>&1 || {
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF $LLAMA_CMAKE_ARGS >"$build.configure.log" 2>&1 || {
         tail -30 "$build.configure.log" >&2; rm -rf "$build"; exit 1; }
     printf '%s\n' "$LLAMA_CMAKE_ARGS" >"$build/cmake-args"
 fi
