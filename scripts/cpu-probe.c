@@ -1,6 +1,6 @@
 /* Run one instruction family and report whether this CPU *and* its operating system allow it.
  *
- *   cpu-probe avx512   AVX-512F/BW/VNNI: one vpdpbusd on zmm registers
+ *   cpu-probe avx512   AVX-512F/BW: one vpmaddubsw on zmm registers (the OS must save zmm state)
  *   cpu-probe amx      AMX-TILE/INT8: ask Linux for the tile state (arch_prctl), then
  *                      ldtilecfg, tilezero and tdpbssd, the instructions ggml's AMX matmul runs
  *
@@ -35,11 +35,11 @@ static int leaf7(unsigned *ebx, unsigned *edx) {
     return 1;
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static int run_avx512(void) {
-    volatile int one = 1;
-    __m512i a = _mm512_set1_epi32(one);
-    a = _mm512_dpbusd_epi32(a, a, a);
-    int out[16];
+__attribute__((target("avx512f,avx512bw"))) static int run_avx512(void) {
+    volatile char one = 1;
+    __m512i a = _mm512_set1_epi8(one);
+    a = _mm512_maddubs_epi16(a, a); /* 1*1 + 1*1 in every 16-bit lane */
+    short out[32];
     _mm512_storeu_si512(out, a);
     return out[0] == 2 ? 0 : 3;
 }

@@ -11,6 +11,7 @@
 #   - AMX not run to completion      -> native without ggml's AMX kernels (-mno-amx-int8 removes
 #     __AMX_INT8__, the only switch of ggml-cpu/amx/*), so ggml_backend_amx_mul_mat is never built.
 # Other architectures: -DGGML_NATIVE=ON. The reason goes to stderr, the flags to stdout.
+# CPU_PROBE=PROGRAM runs PROGRAM instead of compiling the probe (tests/test_build_flags.py).
 set -u
 here=$(dirname "$0")
 avx2="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
@@ -22,7 +23,9 @@ case $(uname -m) in
 esac
 dir=$(mktemp -d) || { echo "$avx2"; exit 0; }
 trap 'rm -rf "$dir"' EXIT
-if ! ${CC:-cc} -O1 -o "$dir/probe" "$here/cpu-probe.c" 2>"$dir/cc.log"; then
+if [ -n "${CPU_PROBE:-}" ]; then
+    cp "$CPU_PROBE" "$dir/probe"
+elif ! ${CC:-cc} -O1 -o "$dir/probe" "$here/cpu-probe.c" 2>"$dir/cc.log"; then
     echo "llama.cpp: AVX2 build (could not compile scripts/cpu-probe.c: $(head -c 200 "$dir/cc.log"))" >&2
     echo "$avx2"
     exit 0
