@@ -14,7 +14,7 @@ TORCH ?= torch==2.13.0
 # would use (some virtual machines report them and then refuse them: SIGILL in
 # ggml_backend_amx_mul_mat). AMX kernels are built only where tile instructions ran; where AVX-512
 # traps, the AVX2 build. Never from pip's wheel cache (it may hold another machine's build).
-# Override: make install LLAMA_CMAKE_ARGS="$$(sh scripts/llama-cmake-args.sh) -DGGML_CUDA=on" (CUDA), or AVX2 only:
+# Override: make install LLAMA_CMAKE_ARGS="$(sh scripts/llama-cmake-args.sh) -DGGML_CUDA=on" (CUDA), or AVX2 only:
 # LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON".
 # A copied .venv runs only on CPUs with the builder's instructions. See docs/llama-cpp.md.
 LLAMA_CMAKE_ARGS ?= $(shell sh scripts/llama-cmake-args.sh)
