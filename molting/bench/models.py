@@ -100,19 +100,23 @@ def standin_tokenizer():
 
 
 def model_dir(name: str, cache: Path) -> Path:
-    """The transformers directory of a bench model: embedded name, reference name (random) or directory.
+    """The transformers directory of a bench model: embedded name, model directory or reference name (random).
+
+    Any other name goes to ``molting.models.resolve_base_model``, so that whatever it learns
+    to resolve (a Hub id) works here too.
 
     Raises:
         ConfigError: none of those.
     """
-    if name in EMBEDDED or (Path(name) / "config.json").is_file():
-        return resolve_base_model(name)
-    if name in REFERENCE_CONFIGS:
+    if name in REFERENCE_CONFIGS and name not in EMBEDDED:
         return random_model_dir(name, cache)
-    raise ConfigError(
-        f"bench model {name!r} is not a .gguf file, a run directory, an embedded model {sorted(EMBEDDED)}, "
-        f"a reference configuration {sorted(REFERENCE_CONFIGS)} or a directory with config.json"
-    )
+    try:
+        return resolve_base_model(name)
+    except ConfigError:
+        raise ConfigError(
+            f"bench model {name!r} is not a .gguf file, a run directory, an embedded model {sorted(EMBEDDED)}, "
+            f"a reference configuration {sorted(REFERENCE_CONFIGS)} or a directory with config.json"
+        ) from None
 
 
 @dataclass(frozen=True)
