@@ -38,7 +38,7 @@ class LlamaCppBackend(Backend):
         n_batch: prompt tokens llama.cpp evaluates per step during prefill (llama.cpp's
             default 512); the compute buffer grows with it.
         flash_attn: use flash attention (default on, as llama.cpp's own tools choose on CPU and
-            CUDA with ``-fa auto``): prefill 1.1-2x faster on the CPU of benchmarks/llama-cpp-build.md,
+            CUDA with ``-fa auto``): prefill faster in 8 of 8 rounds (1.2-3.5x) in benchmarks/llama-cpp-build.md,
             and needed for a quantized V cache. False for llama.cpp's unfused attention.
         type_k, type_v: KV cache type, one of ``KV_CACHE_TYPES`` (llama.cpp's ``-ctk``/``-ctv``);
             "q8_0" halves the cache of "f16". A quantized ``type_v`` needs ``flash_attn``.
