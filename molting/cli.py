@@ -673,20 +673,26 @@ def run_all(
 @app.command()
 def bench(
     model: Annotated[
-        list[str], typer.Option(help="embedded name, reference name (random weights), model directory or Hub id")
+        list[str],
+        typer.Option(
+            help="GGUF file, run directory, model directory, embedded name, reference name (random weights) or Hub id"
+        ),
     ] = None,
-    engine: Annotated[list[str], typer.Option(help="transformers, llama.cpp, 'llama.cpp raw' [default: all]")] = None,
+    engine: Annotated[
+        list[str], typer.Option(help="transformers, llama.cpp, 'llama.cpp raw', llama-bench [default: all]")
+    ] = None,
     quant: Annotated[list[str], typer.Option(help="GGUF quantizations for llama.cpp")] = None,
     dtype: Annotated[str, typer.Option(help="transformers weights: fp32, bf16 or 4bit")] = "fp32",
     repeats: Annotated[int, typer.Option(help="runs per case, each in a fresh process")] = 3,
     n_prompt: Annotated[int, typer.Option(help="prompt tokens")] = 512,
     n_new: Annotated[int, typer.Option(help="tokens to generate")] = 128,
     n_ctx: Annotated[int, typer.Option(help="llama.cpp context window")] = 2048,
-    threads: Annotated[int, typer.Option(help="CPU threads for every engine [default: engine defaults]")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads for every engine [default: every usable CPU]")] = None,
     n_gpu_layers: Annotated[int, typer.Option(help="llama.cpp layers on the GPU (-1 = all)")] = 0,
     repack: Annotated[
         bool, typer.Option(help="llama.cpp's CPU weight repacking (AMX, Q4_K x8); --no-repack where it traps")
     ] = True,
+    flash_attn: Annotated[bool, typer.Option(help="llama.cpp's flash attention, for every llama.cpp engine")] = True,
     cache: Annotated[Path, typer.Option(help="where built models and GGUFs are kept")] = None,
     out: Annotated[Path, typer.Option(help="report path without suffix: .md, .json and .png are written")] = Path(
         "benchmarks/reports/bench"
@@ -704,6 +710,7 @@ def bench(
         threads=threads,
         n_gpu_layers=n_gpu_layers,
         repack=repack,
+        flash_attn=flash_attn,
     )
     optional = dict(models=model, engines=engine, quants=quant, cache=cache)
     config = BenchConfig(**options, **{k: tuple(v) if isinstance(v, list) else v for k, v in optional.items() if v})
@@ -713,9 +720,12 @@ def bench(
         _fail(exc)
     except subprocess.CalledProcessError as exc:
         hint = " (an illegal instruction: try --no-repack)" if exc.returncode == -signal.SIGILL else ""
-        console.print(f"[bold red]error:[/] a benchmark worker failed with status {exc.returncode}{hint}")
+        what = "llama-bench" if str(exc.cmd[0]).endswith("llama-bench") else "a benchmark worker"
+        console.print(f"[bold red]error:[/] {what} failed with status {exc.returncode}{hint}")
         raise typer.Exit(code=1) from None
     console.print(report.table(result), soft_wrap=True, markup=False)
+    if result.references:
+        console.print(report.reference_table(result), soft_wrap=True, markup=False)
     for line in result.skipped:
         console.print(Text.assemble(("not measured: ", "yellow"), plain(line)))
     console.print(plain("wrote " + ", ".join(str(p) for p in report.write(result, out)), limit=4 * SHOWN))

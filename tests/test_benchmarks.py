@@ -129,3 +129,78 @@ def test_unexportable_reference_model_is_skipped_before_building(tmp_path, monke
     cases, skipped = plan_cases(config, progress=lambda line: None)
     assert cases == [] and len(skipped) == 1 and "Phi3ForCausalLM" in skipped[0]
     assert list(tmp_path.iterdir()) == []  # nothing was built
+
+
+LLAMA_BENCH_JSON = """[
+  {"build_commit": "abc1234", "cpu_info": "fake CPU", "backends": "CPU", "n_threads": 1, "flash_attn": 1,
+   "n_prompt": 160, "n_gen": 0, "n_depth": 0, "avg_ts": 1000.0, "stddev_ts": 0.0, "samples_ts": [1000.0]},
+  {"n_prompt": 0, "n_gen": 4, "n_depth": 0, "avg_ts": 400.0, "stddev_ts": 0.0, "samples_ts": [400.0]},
+  {"n_prompt": 160, "n_gen": 0, "n_depth": 160, "avg_ts": 800.0, "stddev_ts": 0.0, "samples_ts": [800.0]},
+  {"n_prompt": 0, "n_gen": 4, "n_depth": 160, "avg_ts": 200.0, "stddev_ts": 0.0, "samples_ts": [200.0]}
+]"""
+
+
+@pytest.fixture
+def tiny_gguf(tiny_llama_dir, tmp_path) -> Path:
+    from molting.export import write_gguf
+
+    return write_gguf(tiny_llama_dir, tmp_path / "tiny.F16.gguf", outtype="f16")
+
+
+def test_bench_cli_takes_a_gguf_file(tiny_gguf, tmp_path, monkeypatch):
+    """`molting bench --model FILE.gguf`: the file as it is, no transformers case, llama-bench beside it."""
+    from typer.testing import CliRunner
+
+    from molting.bench import llamabench
+    from molting.cli import app
+
+    fake = tmp_path / "llama-bench"  # prints llama-bench's JSON; records its arguments
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\ncat <<'EOF'\n{LLAMA_BENCH_JSON}\nEOF\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(llamabench, "tool_path", lambda name=llamabench.TOOL: fake)
+    out = tmp_path / "report"
+    args = ["bench", "--model", str(tiny_gguf), "--repeats", "1", "--n-prompt", "160", "--n-new", "4"]
+    args += ["--n-ctx", "256", "--threads", "1", "--no-repack", "--out", str(out)]
+    result = CliRunner().invoke(app, args, terminal_width=250)
+    assert result.exit_code == 0, result.output
+    assert "transformers: a GGUF file, no transformers weights" in result.output
+    record = json.loads(out.with_suffix(".json").read_text())
+    cases = record["cases"]
+    assert [(c["engine"], c["weights"], c["model"]) for c in cases] == [
+        ("llama.cpp", "F16", str(tiny_gguf)),
+        ("llama.cpp raw", "F16", str(tiny_gguf)),
+    ]
+    called = (tmp_path / "args").read_text().split()
+    assert called[called.index("-d") + 1] == "0,160" and called[called.index("-t") + 1] == "1"
+    assert called[called.index("-ngl") + 1] == "0" and called[called.index("--repack") + 1] == "0"
+    for case in cases:  # prefill over pp160 at depth 0; decode over tg4 at depth 160
+        run = case["runs"][0]
+        prefill = run["prompt_tokens"] / run["ttft_s"]
+        decode = (run["completion_tokens"] - 1) / (run["total_s"] - run["ttft_s"])
+        assert case["prefill_vs_llama_bench"] == pytest.approx(prefill / 1000.0)
+        assert case["decode_vs_llama_bench"] == pytest.approx(decode / 200.0)
+    assert "| 1000.0 | 400.0 | 800.0 | 200.0 |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_without_llama_bench_says_how_to_build_it(tiny_gguf, tmp_path, monkeypatch):
+    from molting.bench import BenchConfig, llamabench, plan_cases, plan_references
+
+    monkeypatch.setattr(llamabench, "tool_path", lambda name=llamabench.TOOL: None)
+    config = BenchConfig(models=(str(tiny_gguf),), engines=("llama.cpp", "llama-bench"), cache=tmp_path)
+    cases, skipped = plan_cases(config, progress=lambda line: None)
+    assert plan_references(config, cases, skipped) == [] and "make llama-bench" in skipped[-1]
+
+
+def test_bench_resolves_a_run_directory(tiny_llama_dir, tiny_gguf, tmp_path):
+    import shutil
+
+    from molting.bench.models import resolve
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_llama_dir, run / "merged")
+    shutil.copy(tiny_gguf, run / "claudio.F16.gguf")
+    (run / ".claudio.Q8_0.123.gguf").write_bytes(b"")  # an export in progress is not benched
+    model = resolve(str(run), tmp_path)
+    assert model.model_dir(tmp_path) == run / "merged" and model.ggufs == (run / "claudio.F16.gguf",)
+    with pytest.raises(ConfigError, match="missing.gguf: GGUF file not found"):
+        resolve(str(tmp_path / "missing.gguf"), tmp_path)

@@ -34,11 +34,24 @@ def test_context_options_reach_llama_cpp(gguf_256):
         backend.close()
 
 
+def test_flash_attention_is_on_by_default(gguf_256):
+    """As llama.cpp's own tools choose (``-fa auto``); off only when asked (benchmarks/llama-cpp-build.md)."""
+    import llama_cpp
+
+    on, off = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    for options, expected in (({}, on), ({"flash_attn": False}, off)):
+        backend = load_backend(gguf_256, n_ctx=256, **options)
+        try:
+            assert backend.llm.context_params.flash_attn_type == expected
+        finally:
+            backend.close()
+
+
 def test_kv_cache_type_errors(gguf_256):
     with pytest.raises(ConfigError, match=r"type_k 'q3' not in"):
         load_backend(gguf_256, type_k="q3")
     with pytest.raises(ConfigError, match="type_v='q8_0' needs flash_attn=True"):
-        load_backend(gguf_256, type_v="q8_0")
+        load_backend(gguf_256, type_v="q8_0", flash_attn=False)
 
 
 def _peft_adapter(model_dir, directory):

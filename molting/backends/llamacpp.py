@@ -39,7 +39,9 @@ class LlamaCppBackend(Backend):
             when that is given, else every core.
         n_batch: prompt tokens llama.cpp evaluates per step during prefill (llama.cpp's
             default 512); the compute buffer grows with it.
-        flash_attn: use flash attention. Needed for a quantized V cache.
+        flash_attn: use flash attention (default on, as llama.cpp's own tools choose on CPU and
+            CUDA with ``-fa auto``): prefill faster in 8 of 8 rounds (1.2-3.5x) in benchmarks/llama-cpp-build.md,
+            and needed for a quantized V cache. False for llama.cpp's unfused attention.
         type_k, type_v: KV cache type, one of ``KV_CACHE_TYPES`` (llama.cpp's ``-ctk``/``-ctv``);
             "q8_0" halves the cache of "f16". A quantized ``type_v`` needs ``flash_attn``.
         lora_path: a LoRA adapter in llama.cpp's GGUF adapter format, applied at load.
@@ -67,7 +69,7 @@ class LlamaCppBackend(Backend):
         n_threads: int | None = None,
         n_threads_batch: int | None = None,
         n_batch: int = 512,
-        flash_attn: bool = False,
+        flash_attn: bool = True,
         type_k: str = "f16",
         type_v: str = "f16",
         lora_path: str | Path | None = None,

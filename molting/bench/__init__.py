@@ -1,12 +1,17 @@
 """``molting bench``: every engine x model x quantization, each run in a fresh process.
 
-:func:`bench` prepares the models (``molting.bench.models``: the embedded SmolLM2,
-random-weight stand-ins of reference configurations, their GGUFs), runs every
+:func:`bench` prepares the models (``molting.bench.models.resolve``: a GGUF file, a run
+directory, a model directory, the embedded SmolLM2, random-weight stand-ins of reference
+configurations, their GGUFs), runs every
 :class:`~molting.bench.measure.Job` ``repeats`` times, each time in its own process
 (:func:`run_job`), in rounds (every case once, then again) so that the machine's load
 drifts alike over all engines, and returns a :class:`Report`: the runs, their minimum and median, the
 llama.cpp backend's decode speed as a ratio of raw llama.cpp's on the same file, and the
-fit planner's estimate of resident memory beside the measured peak.
+fit planner's estimate of resident memory beside the measured peak. Where llama.cpp's own
+``llama-bench`` is built (``make llama-bench``), it runs once a round on every GGUF with the
+same threads, batch, flash attention and repacking (``molting.bench.llamabench``), and the
+report gives molting's prefill and decode as ratios of its ``pp`` at depth 0 and ``tg`` at
+depth ``n_prompt``.
 :func:`molting.bench.report.write` writes it as JSON, markdown and a PNG chart.
 """
 
@@ -26,8 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import molting
+from molting.bench import llamabench
 from molting.bench.measure import ENGINES, Job, Run
-from molting.bench.models import gguf_file, model_dir
+from molting.bench.models import gguf_file, gguf_quant, resolve
 from molting.errors import ConfigError, ExportError
 from molting.fit import MIB, estimate, shape_from_gguf
 from molting.models import cache_dir
@@ -77,6 +83,26 @@ class Report:
     machine: dict
     cases: list[Case]
     skipped: list[str] = field(default_factory=list)
+    references: list[Reference] = field(default_factory=list)
+
+    def reference_ratio(self, case: Case, metric: str) -> float | None:
+        """A llama.cpp case's ``prefill_tok_s`` or ``decode_tok_s`` over llama-bench's on the same file.
+
+        Prefill is compared with ``pp<n_prompt>`` at depth 0, decode with ``tg<n_new>`` at depth
+        ``n_prompt`` (molting decodes right after its prompt); the median of the per-round ratios.
+        None for transformers, or without llama-bench on this file.
+        """
+        ref = next((r for r in self.references if r.gguf == case.job.model), None)
+        if ref is None or case.engine == "transformers":
+            return None
+        job = case.job
+        test, n, depth = ("pp", job.n_prompt, 0) if metric == "prefill_tok_s" else ("tg", job.n_new, job.n_prompt)
+        ratios = []
+        for run, results in zip(case.runs, ref.rounds, strict=False):
+            mine, theirs = getattr(run, metric), llamabench.find(results, test, n, depth)
+            if mine and theirs and theirs.tok_s > 0:
+                ratios.append(mine / theirs.tok_s)
+        return statistics.median(ratios) if ratios else None
 
     def raw_ratio(self, case: Case) -> float | None:
         """Decode tokens/s of a llama.cpp backend case over raw llama.cpp's on the same file.
@@ -93,10 +119,47 @@ class Report:
 
     def to_dict(self) -> dict:
         cases = [
-            {**asdict(c), "summary": summary(c), "decode_vs_raw": self.raw_ratio(c), "label": c.label}
+            {
+                **asdict(c),
+                "summary": summary(c),
+                "decode_vs_raw": self.raw_ratio(c),
+                "prefill_vs_llama_bench": self.reference_ratio(c, "prefill_tok_s"),
+                "decode_vs_llama_bench": self.reference_ratio(c, "decode_tok_s"),
+                "label": c.label,
+            }
             for c in self.cases
         ]
-        return {"settings": self.settings, "machine": self.machine, "skipped": self.skipped, "cases": cases}
+        references = [asdict(r) for r in self.references]
+        return {
+            "settings": self.settings,
+            "machine": self.machine,
+            "skipped": self.skipped,
+            "cases": cases,
+            "llama_bench": references,
+        }
+
+
+@dataclass
+class Reference:
+    """llama.cpp's ``llama-bench`` on one GGUF, once per round.
+
+    Attributes:
+        model, weights: as in the Case on the same file.
+        gguf: the file.
+        rounds: each round's results (pp and tg at depths 0 and ``n_prompt``).
+        facts: llama-bench's build commit, CPU, backends, threads, flash attention.
+    """
+
+    model: str
+    weights: str
+    gguf: str
+    rounds: list[list[llamabench.Result]] = field(default_factory=list)
+    facts: dict = field(default_factory=dict)
+
+    def median(self, test: str, n: int, depth: int) -> float | None:
+        """Median tokens/s of one test over the rounds; None if it never ran."""
+        values = [r.tok_s for results in self.rounds if (r := llamabench.find(results, test, n, depth))]
+        return statistics.median(values) if values else None
 
 
 METRICS = ("load_s", "peak_rss_mib", "peak_vram_mib", "torch_peak_mib", "ttft_s", "prefill_tok_s", "decode_tok_s")
@@ -126,22 +189,29 @@ def run_job(job: Job, workdir: Path) -> Run:
     return Run(**json.loads(result_path.read_text(encoding="utf-8")))
 
 
+REFERENCE = llamabench.TOOL  # an engine name too: llama.cpp's own llama-bench on every GGUF
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """What to bench.
 
     Attributes:
-        models: embedded names, reference names (random weights) or model directories.
-        engines: subset of ``ENGINES``; ``llama.cpp raw`` runs on every GGUF llama.cpp runs on.
-        quants: GGUF quantizations for llama.cpp (``Q4_K_M``, ``Q8_0``, ``F16``, ...).
+        models: GGUF files, run directories, model directories, embedded names or
+            reference names (random weights); see ``molting.bench.models.resolve``.
+        engines: subset of ``ENGINES`` and ``REFERENCE``; ``llama.cpp raw`` and ``llama-bench``
+            run on every GGUF llama.cpp runs on.
+        quants: GGUF quantizations built for llama.cpp (``Q4_K_M``, ``Q8_0``, ``F16``, ...); a
+            GGUF file or a run directory is benched as it is.
         dtype: transformers weights (``fp32``, ``bf16``, ``4bit``).
         repeats: runs per case, each in a fresh process.
-        n_prompt, n_new, n_ctx, threads, n_gpu_layers, repack: as in ``Job``.
+        n_prompt, n_new, n_ctx, n_gpu_layers, repack, flash_attn: as in ``Job``.
+        threads: CPU threads for every engine; None = every usable CPU (the same for all).
         cache: where built models and GGUFs are kept.
     """
 
     models: tuple[str, ...] = ("smollm2-135m",)
-    engines: tuple[str, ...] = ENGINES
+    engines: tuple[str, ...] = (*ENGINES, REFERENCE)
     quants: tuple[str, ...] = ("Q4_K_M",)
     dtype: str = "fp32"
     repeats: int = 3
@@ -151,7 +221,15 @@ class BenchConfig:
     threads: int | None = None
     n_gpu_layers: int = 0
     repack: bool = True
+    flash_attn: bool = True
     cache: Path = field(default_factory=lambda: _default_cache())
+
+    @property
+    def n_threads(self) -> int:
+        """``threads``, or every CPU this process may run on."""
+        if self.threads:
+            return self.threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _default_cache() -> Path:
@@ -164,28 +242,52 @@ def plan_cases(config: BenchConfig, progress: Callable[[str], None] = print) -> 
     Raises:
         ConfigError: an unknown engine or model.
     """
-    unknown = set(config.engines) - set(ENGINES)
+    unknown = set(config.engines) - {*ENGINES, REFERENCE}
     if unknown:
-        raise ConfigError(f"unknown engine(s) {sorted(unknown)}; allowed: {ENGINES}")
-    job = dict(n_prompt=config.n_prompt, n_new=config.n_new, n_ctx=config.n_ctx, threads=config.threads)
-    gguf_job = dict(job, n_gpu_layers=config.n_gpu_layers, repack=config.repack)
+        raise ConfigError(f"unknown engine(s) {sorted(unknown)}; allowed: {(*ENGINES, REFERENCE)}")
+    job = dict(n_prompt=config.n_prompt, n_new=config.n_new, n_ctx=config.n_ctx, threads=config.n_threads)
     cases, skipped = [], []
     for name in config.models:
+        model = resolve(name, config.cache)
         if "transformers" in config.engines:
-            progress(f"{name}: transformers model directory")
-            path = str(model_dir(name, config.cache))
-            cases.append(Case(name, "transformers", config.dtype, Job("transformers", path, dtype=config.dtype, **job)))
-        for engine in [e for e in config.engines if e != "transformers"]:
-            for quant in config.quants:
-                try:
-                    progress(f"{name}: {quant} GGUF")
-                    gguf = str(gguf_file(name, quant, config.cache, n_threads=config.threads or 0))
-                except ExportError as exc:
-                    skipped.append(f"{name} {quant}: {exc}")
-                    continue
-                cases.append(Case(name, engine, quant, Job(engine, gguf, **gguf_job)))
+            if model.gguf_only:
+                skipped.append(f"{name} transformers: a GGUF file, no transformers weights")
+            else:
+                progress(f"{name}: transformers model directory")
+                job_t = Job("transformers", str(model.model_dir(config.cache)), dtype=config.dtype, **job)
+                cases.append(Case(name, "transformers", config.dtype, job_t))
+        gguf_job = dict(job, n_gpu_layers=config.n_gpu_layers, repack=config.repack, flash_attn=config.flash_attn)
+        for engine in [e for e in config.engines if e in ENGINES and e != "transformers"]:
+            for quant, gguf in _ggufs(model, config, progress, skipped):
+                cases.append(Case(name, engine, quant, Job(engine, str(gguf), **gguf_job)))
     skipped = list(dict.fromkeys(skipped))
     return cases, skipped
+
+
+def _ggufs(model, config: BenchConfig, progress, skipped: list[str]) -> list[tuple[str, Path]]:
+    """(quantization, file) of every GGUF to bench for ``model``: its own, else built at ``config.quants``."""
+    if model.ggufs:
+        return [(gguf_quant(path), path) for path in model.ggufs]
+    found = []
+    for quant in config.quants:
+        try:
+            progress(f"{model.name}: {quant} GGUF")
+            source = str(model.weights) if model.weights else model.name
+            found.append((quant, gguf_file(source, quant, config.cache, n_threads=config.threads or 0)))
+        except ExportError as exc:
+            skipped.append(f"{model.name} {quant}: {exc}")
+    return found
+
+
+def plan_references(config: BenchConfig, cases: list[Case], skipped: list[str]) -> list[Reference]:
+    """One llama-bench Reference per GGUF of ``cases``, when asked for and built; else a line in ``skipped``."""
+    if REFERENCE not in config.engines:
+        return []
+    files = {c.job.model: c for c in cases if c.engine != "transformers"}
+    if files and llamabench.tool_path() is None:
+        skipped.append("llama-bench: not built here (`make llama-bench` builds it from llama-cpp-python's source)")
+        return []
+    return [Reference(c.model, c.weights, gguf) for gguf, c in files.items()]
 
 
 def bench(config: BenchConfig, progress: Callable[[str], None] = print) -> Report:
@@ -196,19 +298,36 @@ def bench(config: BenchConfig, progress: Callable[[str], None] = print) -> Repor
         progress: called with a line before each step.
 
     Raises:
-        ConfigError: an unknown engine or model. subprocess.CalledProcessError: a worker failed.
+        ConfigError: an unknown engine or model. subprocess.CalledProcessError: a worker
+            or llama-bench failed.
     """
     cases, skipped = plan_cases(config, progress)
+    references = plan_references(config, cases, skipped)
+    settings = llamabench.Settings(
+        n_prompt=config.n_prompt,
+        n_new=config.n_new,
+        threads=config.n_threads,
+        n_gpu_layers=config.n_gpu_layers,
+        flash_attn=config.flash_attn,
+        repack=config.repack,
+        repeats=1,
+    )
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="molting-bench-") as tmp:
         for i in range(config.repeats):  # rounds over the cases: a change of load hits every engine alike
             for case in cases:
                 progress(f"{case.label}: run {i + 1}/{config.repeats}")
                 case.runs.append(run_job(case.job, Path(tmp)))
+            for ref in references:
+                progress(f"{ref.model} · llama-bench · {ref.weights}: run {i + 1}/{config.repeats}")
+                results, ref.facts = llamabench.run(llamabench.tool_path(), Path(ref.gguf), settings)
+                ref.rounds.append(results)
     for case in cases:
         case.note = _note(case)
         case.rss_estimate_mib = _rss_estimate(case)
-    return Report(settings=_settings(config), machine=machine, cases=cases, skipped=skipped)
+    report = Report(settings=_settings(config), machine=machine, cases=cases, skipped=skipped)
+    report.references = references
+    return report
 
 
 def _note(case: Case) -> str:
@@ -232,7 +351,9 @@ def _settings(config: BenchConfig) -> dict:
         "prompt": f"{config.n_prompt} tokens (rendered chat for the backends, token ids for raw llama.cpp)",
         "generation": f"{config.n_new} new tokens, greedy, repetition_penalty 1.0",
         "n_ctx": config.n_ctx,
-        "threads": config.threads or "engine defaults",
+        "threads": config.n_threads,
+        "flash attention (llama.cpp)": "on" if config.flash_attn else "off",
+        "llama.cpp batch": "n_batch = n_ubatch = 512",
         "n_gpu_layers": config.n_gpu_layers,
         "llama.cpp weight repacking": "on" if config.repack else "off (--no-repack)",
         "repeats": f"{config.repeats}, each in a fresh process after a warm-up generation",

@@ -8,7 +8,7 @@ Three engines:
 - ``llama.cpp raw``: the same GGUF through llama-cpp-python's low-level C API
   (``llama_decode`` on one batch of ``n_prompt`` tokens, then one token at a time with a
   greedy sampler, end-of-generation ignored), the baseline the backend's overhead is a
-  ratio to. Its context is the backend's: ``n_batch = n_ubatch = 512``, flash attention off.
+  ratio to. Its context is the backend's: ``n_batch = n_ubatch = 512``, the job's flash attention.
 
 Each :class:`Job` runs in a fresh process (:func:`molting.bench.run_job`) so that its peak
 resident memory is its own. The figures, per run:
@@ -63,6 +63,7 @@ class Job:
         repack: let llama.cpp copy weights into its CPU-specific layouts (AMX, repacked
             Q4_0/Q4_K: ``use_extra_bufts``); False is llama.cpp's ``--no-repack``, needed
             where the AMX kernels trap (SIGILL) as on this project's CPU machine.
+        flash_attn: llama.cpp's flash attention (``-fa``), for the backend, raw and llama-bench alike.
     """
 
     engine: str
@@ -74,6 +75,7 @@ class Job:
     n_gpu_layers: int = 0
     dtype: str = "fp32"
     repack: bool = True
+    flash_attn: bool = True
 
 
 @dataclass
@@ -174,7 +176,8 @@ def _backend(job: Job) -> tuple[float, float, float, int, int]:
     if job.engine == "transformers":
         backend = load_backend(job.model, dtype=job.dtype)
     else:
-        backend = load_backend(job.model, n_ctx=job.n_ctx, n_gpu_layers=job.n_gpu_layers, n_threads=job.threads)
+        options = dict(n_ctx=job.n_ctx, n_gpu_layers=job.n_gpu_layers, n_threads=job.threads)
+        backend = load_backend(job.model, flash_attn=job.flash_attn, **options)
     load_s = time.perf_counter() - start
     try:
         messages = prompt_messages(lambda m: _count(backend, m), job.n_prompt)
@@ -257,7 +260,8 @@ def _raw_llamacpp(job: Job) -> tuple[float, float, float, int, int]:
     ctx_params = C.llama_context_default_params()
     ctx_params.n_ctx = job.n_ctx
     ctx_params.n_batch = ctx_params.n_ubatch = min(job.n_ctx, 512)  # as LlamaCppBackend (llama-cpp-python)
-    ctx_params.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    on, off = C.LLAMA_FLASH_ATTN_TYPE_ENABLED, C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx_params.flash_attn_type = on if job.flash_attn else off
     if job.threads:
         ctx_params.n_threads = ctx_params.n_threads_batch = job.threads
     ctx = C.llama_init_from_model(model, ctx_params)

@@ -13,11 +13,12 @@ Built files are cached under ``cache`` (``<name>/`` the transformers directory,
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from molting.errors import ConfigError
 from molting.io import atomic_path
-from molting.models import EMBEDDED, REFERENCE_CONFIGS, is_hub_id, reference_config, resolve_base_model
+from molting.models import EMBEDDED, REFERENCE_CONFIGS, reference_config, resolve_base_model
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
@@ -99,21 +100,98 @@ def standin_tokenizer():
 
 
 def model_dir(name: str, cache: Path) -> Path:
-    """The transformers directory of a bench model: embedded name, reference name (random), directory
-    or Hub id ``ORG/NAME[@REVISION]``.
+    """The transformers directory of a bench model: embedded name, model directory, reference name
+    (random) or Hub id ``ORG/NAME[@REVISION]``.
+
+    Any other name goes to ``molting.models.resolve_base_model``, so that whatever it resolves
+    works here too.
 
     Raises:
         HubError: a Hub id that cannot be resolved.
         ConfigError: none of those.
     """
-    if name in EMBEDDED or (Path(name) / "config.json").is_file() or is_hub_id(name):
-        return resolve_base_model(name)
-    if name in REFERENCE_CONFIGS:
+    if name in REFERENCE_CONFIGS and name not in EMBEDDED:
         return random_model_dir(name, cache)
-    raise ConfigError(
-        f"bench model {name!r} is not an embedded model {sorted(EMBEDDED)}, a reference "
-        f"configuration {sorted(REFERENCE_CONFIGS)}, a directory with config.json or a Hub id ORG/NAME"
-    )
+    try:
+        return resolve_base_model(name)
+    except ConfigError:
+        raise ConfigError(
+            f"bench model {name!r} is not a .gguf file, a run directory, an embedded model {sorted(EMBEDDED)}, "
+            f"a reference configuration {sorted(REFERENCE_CONFIGS)}, a directory with config.json or a Hub id ORG/NAME"
+        ) from None
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """What a name given to ``molting bench --model`` stands for.
+
+    Attributes:
+        name: as given.
+        ggufs: GGUF files that exist already (the file itself, a run's exports); when empty,
+            llama.cpp runs on GGUFs built from the transformers weights at the asked quantizations.
+        weights: a run directory's transformers weights (``merged/`` or ``model/``).
+        gguf_only: a bare GGUF file: no transformers case.
+    """
+
+    name: str
+    ggufs: tuple[Path, ...] = ()
+    weights: Path | None = None
+    gguf_only: bool = False
+
+    def model_dir(self, cache: Path) -> Path | None:
+        """The transformers directory, built or imported on first use; None for a bare GGUF."""
+        if self.gguf_only:
+            return None
+        return self.weights or model_dir(self.name, cache)
+
+
+def resolve(name: str, cache: Path) -> BenchModel:
+    """The one place a bench model name is resolved; nothing is built here.
+
+    Args:
+        name: a ``.gguf`` file; a ``molting run`` output directory (its ``merged/`` or
+            ``model/`` weights and its ``*.gguf`` exports); a model directory
+            (``config.json``); an embedded name; a reference name (random weights).
+        cache: directory for built models (reference names).
+
+    Raises:
+        ConfigError: none of those, or a ``.gguf`` path that is not a file.
+    """
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"{name}: GGUF file not found")
+        return BenchModel(name, (path,), gguf_only=True)
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = tuple(p for p in sorted(path.glob("*.gguf")) if not p.name.startswith(".") and not _is_adapter(p))
+        weights = next((path / d for d in ("merged", "model") if (path / d / "config.json").is_file()), None)
+        if ggufs or weights:
+            return BenchModel(name, ggufs, weights, gguf_only=weights is None)
+    if name not in EMBEDDED and name not in REFERENCE_CONFIGS:
+        model_dir(name, cache)  # raises for a name that is none of the above
+    return BenchModel(name)
+
+
+def _is_adapter(path: Path) -> bool:
+    """True for a LoRA adapter GGUF (``general.type`` = ``adapter``), which llama.cpp cannot run alone."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(path).get_field("general.type")
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when llama.cpp opens it
+        return False
+    return field is not None and field.contents() == "adapter"
+
+
+def gguf_quant(path: Path) -> str:
+    """The quantization of a GGUF as its ``general.file_type`` name (``Q8_0``, ``Q4_K_M``); ``?`` when absent."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(path).get_field("general.file_type")
+        return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_") if field else "?"
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when llama.cpp opens it
+        return "?"
 
 
 def gguf_file(name: str, quant: str, cache: Path, n_threads: int = 0) -> Path:

@@ -26,17 +26,37 @@ def table(report: Report) -> str:
 
     Columns without a value in any case (VRAM on a CPU) are left out. ``vs raw`` is the
     llama.cpp backend's decode tokens/s over raw llama.cpp's on the same file (median of
-    the per-round ratios, ``Report.raw_ratio``);
+    the per-round ratios, ``Report.raw_ratio``); ``vs llama-bench`` are prefill and decode
+    over llama.cpp's own llama-bench on the same file (``Report.reference_ratio``), when it ran;
     ``RSS estimate`` is the fit planner's, with its error against the median peak RSS.
     """
     columns = [c for c in COLUMNS if any(case.stat(c[1]) is not None for case in report.cases)]
-    header = ["model", "engine", "weights", *(c[0] for c in columns), "vs raw (decode)", "RSS estimate (error)"]
+    versus = ["vs llama-bench (prefill)", "vs llama-bench (decode)"] if report.references else []
+    header = ["model", "engine", "weights", *(c[0] for c in columns), "vs raw (decode)", *versus]
+    header.append("RSS estimate (error)")
     lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
     for case in report.cases:
         cells = [case.model, case.engine, case.weights]
         cells += [_figure(case, metric, fmt, best) for _, metric, fmt, best in columns]
         ratio = report.raw_ratio(case)
-        cells += [_fmt("{:.3f}×", ratio), _estimate(case)]
+        cells.append(_fmt("{:.3f}×", ratio))
+        if versus:
+            cells += [_fmt("{:.3f}×", report.reference_ratio(case, m)) for m in ("prefill_tok_s", "decode_tok_s")]
+        cells.append(_estimate(case))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reference_table(report: Report) -> str:
+    """Markdown: llama-bench's tokens/s per GGUF, median over the rounds (empty without llama-bench)."""
+    if not report.references:
+        return ""
+    n, g = report.cases[0].job.n_prompt, report.cases[0].job.n_new
+    tests = [("pp", n, 0), ("tg", g, 0), ("pp", n, n), ("tg", g, n)]
+    header = ["model", "weights", *(f"{t}{k} @ d{d} (tok/s)" for t, k, d in tests)]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(tests)]
+    for ref in report.references:
+        cells = [ref.model, ref.weights, *(_fmt("{:.1f}", ref.median(*test)) for test in tests)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -87,6 +107,7 @@ def markdown(report: Report) -> str:
             "",
             table(report),
             "",
+            *(_reference_section(report) if report.references else []),
             *(["## Notes", *notes, ""] if notes else []),
             *(["## Not measured", *(f"- {s}" for s in report.skipped), ""] if report.skipped else []),
             "## Runs",
@@ -97,6 +118,21 @@ def markdown(report: Report) -> str:
             "",
         ]
     )
+
+
+def _reference_section(report: Report) -> list[str]:
+    facts = report.references[0].facts
+    return [
+        "## llama.cpp's llama-bench on the same files",
+        "Same threads, n_batch = n_ubatch, flash attention and repacking; one llama-bench run a round "
+        "(`-r 1`), the median over the rounds. molting's prefill is compared with `pp` at depth 0, "
+        "its decode (right after its prompt) with `tg` at depth n_prompt.",
+        "",
+        reference_table(report),
+        "",
+        *(f"- {k}: {v}" for k, v in facts.items()),
+        "",
+    ]
 
 
 def chart(report: Report, path: Path) -> Path:
