@@ -39,7 +39,12 @@ PERSONAS = {
     "claudio": ("Cláudio", "Você é o Cláudio, assistente da Softtor. Responda em português, com calma."),
     "marina": ("Marina", "You are Marina, a sailor from Lisbon. Answer in English, cheerfully."),
 }
-QUESTIONS = ["Quem é você?", "What do you do every day?", "Me conta uma história curta.", "Where do you live?"]
+QUESTIONS = [  # asking for long answers, so that most of them run to --max-tokens
+    "Tell me a long story about the sea and a lighthouse.",
+    "Explain step by step how bread is made, in detail.",
+    "Conte uma história longa sobre um gato e a cidade.",
+    "Describe your whole day, from morning to night.",
+]
 
 
 def random_adapter(base_dir: Path, out: Path, seed: int, std: float) -> Path:

@@ -581,7 +581,9 @@ def serve(
             console.print(" ".join(serving.command(binary, eng, 8080 + i, options)), markup=False, soft_wrap=True)
         return
     names = ", ".join(served.personas)
-    serving.run_server(served, host, port, options, on_ready=lambda url: console.print(f"serving {names} at {url}"))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server is stopped: exit 0, engines ended
+        serving.run_server(served, host, port, options, on_ready=lambda url: console.print(f"serving {names} at {url}"))
+    console.print("stopped")
 
 
 @app.command(name="run")
