@@ -197,7 +197,9 @@ def main() -> None:
                 return {"model": ids[p], "messages": ask, "max_tokens": args.max_tokens, "temperature": 0.0}
 
             def raw_body(p: int, q: int) -> dict:
-                return route(served.personas[ids[p]], len(adapters), body(p, q))
+                routed = route(served.personas[ids[p]], len(adapters), body(p, q))
+                lora = routed.pop("lora")  # not an openai argument
+                return {**routed, "extra_body": {"lora": lora}}
 
             through, through_results = load(f"http://127.0.0.1:{port}/v1", body, args.clients, args.requests)
             bypass, bypass_results = load(f"{engine.url}/v1", raw_body, args.clients, args.requests)
