@@ -123,9 +123,13 @@ def server(served_files):
         wait_for_health(url, process)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        if process.poll() is None:  # a test failed before the shutdown test: stop it as a user would
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -91,6 +92,14 @@ def command(binary: Path, engine: Engine, port: int, options: EngineOptions) -> 
     return args
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, SIGTERM it when its parent dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class LlamaServer:
     """A running llama-server; ``stop()`` ends it (also on ``with`` exit).
 
@@ -110,7 +119,9 @@ class LlamaServer:
         self.log = log
         args = command(find_llama_server(), engine, self.port, options)
         with log.open("wb") as out:
-            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            )
         try:
             self._wait_ready(options.startup_timeout)
         except BaseException:
