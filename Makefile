@@ -51,3 +51,13 @@ test: install
 
 lint: install
 	$(PY) -m ruff check molting tests benchmarks
+
+# llama.cpp's llama-server, the engine of `molting serve`: built from the llama.cpp source in the
+# llama-cpp-python sdist (scripts/build-llama-tools.sh) into .venv/llama.cpp/bin, as part of install.
+.PHONY: llama-server
+$(VENV)/llama.cpp/bin/llama-server: $(VENV)/.installed
+	scripts/build-llama-tools.sh llama-server
+
+llama-server: $(VENV)/llama.cpp/bin/llama-server
+
+install: $(VENV)/llama.cpp/bin/llama-server

@@ -626,6 +626,60 @@ def _print_stream(chunks) -> str:
     return "".join(parts).strip()
 
 
+@app.command()
+def serve(
+    persona_dirs: Annotated[list[Path], typer.Argument(help="persona directories; each is a model id: its slug")],
+    model: Annotated[
+        list[Path],
+        typer.Option(
+            help="per persona, in order: a GGUF (the persona's model, or its adapter GGUF from `molting export "
+            "--adapter-only`), or with --engine vllm a peft adapter or model directory "
+            "[default: the newest in runs/<persona>/]"
+        ),
+    ] = None,
+    base: Annotated[str, typer.Option(help="the base GGUF that adapter GGUFs apply to: a file or embedded name")] = (
+        "smollm2-135m"
+    ),
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 opens it to the network)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the OpenAI-compatible API")] = 8000,
+    n_ctx: Annotated[int, typer.Option(help="context window in tokens, shared by the requests in flight")] = 2048,
+    parallel: Annotated[int, typer.Option(help="requests decoded together per engine")] = 4,
+    threads: Annotated[int, typer.Option(help="CPU threads per engine [default: llama-server's]")] = None,
+    engine: Annotated[str, typer.Option(help="llama-server (runs here) or vllm (with --print: its command)")] = (
+        "llama-server"
+    ),
+    print_only: Annotated[bool, typer.Option("--print", help="print the engine commands and exit")] = False,
+    runs: Annotated[Path, typer.Option("--runs", help="where `molting run` wrote its run directories")] = Path("runs"),
+) -> None:
+    """Serve personas through an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health)."""
+    from molting import serve as serving
+
+    if engine == "vllm":
+        from molting.persona import Persona
+        from molting.serve.vllm import persona_weights, vllm_commands
+
+        if not print_only:
+            raise ConfigError("--engine vllm needs --print: molting writes the vLLM command for a GPU machine")
+        personas = [Persona.load(d) for d in persona_dirs]
+        weights = model or [persona_weights(p, runs) for p in personas]
+        for line in vllm_commands(personas, weights, port):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return
+    if engine != "llama-server":
+        raise ConfigError(f"--engine {engine!r}: choose llama-server or vllm")
+    served = serving.load_plan(persona_dirs, model or (), base, runs)
+    options = serving.EngineOptions(n_ctx=n_ctx, parallel=parallel, n_threads=threads)
+    if print_only:
+        binary = serving.find_llama_server()
+        for i, eng in enumerate(served.engines):
+            console.print(" ".join(serving.command(binary, eng, 8080 + i, options)), markup=False, soft_wrap=True)
+        return
+    names = ", ".join(served.personas)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server is stopped: exit 0, engines ended
+        serving.run_server(served, host, port, options, on_ready=lambda url: console.print(f"serving {names} at {url}"))
+    console.print("stopped")
+
+
 @app.command(name="run")
 def run_all(
     persona_dir: PersonaDir,

@@ -40,12 +40,15 @@ class GGUFInfo:
         architecture: ``general.architecture`` ("llama", "phi3", ...), None if absent.
         n_tensors: number of tensors.
         data_bytes: bytes the tensor data needs, from the start of the file.
+        type: ``general.type``: "model", "adapter" (a LoRA adapter GGUF), or None if absent
+            (llama.cpp then reads a model).
     """
 
     version: int
     architecture: str | None
     n_tensors: int
     data_bytes: int
+    type: str | None = None
 
 
 def check_gguf(path: str | Path) -> GGUFInfo:
@@ -84,7 +87,7 @@ def check_gguf(path: str | Path) -> GGUFInfo:
     size = path.stat().st_size
     if data_bytes > size:
         raise ModelFileError(path, f"truncated GGUF: {size} bytes, its {n_tensors} tensors need {data_bytes}")
-    return GGUFInfo(version, metadata.get("general.architecture"), n_tensors, data_bytes)
+    return GGUFInfo(version, metadata.get("general.architecture"), n_tensors, data_bytes, metadata.get("general.type"))
 
 
 def _read_head(path: Path, n: int) -> bytes:
@@ -108,7 +111,7 @@ def _looks_like(head: bytes) -> str:
 class _Cursor:
     """Reads a GGUF header from ``buffer`` at ``pos``; every overrun is a ModelFileError naming where."""
 
-    _KEPT = ("general.architecture", "general.alignment")  # values decoded; the rest are skipped
+    _KEPT = ("general.architecture", "general.alignment", "general.type")  # values decoded; the rest are skipped
 
     def __init__(self, path: Path, buffer, pos: int):
         self.path, self.buffer, self.pos = path, buffer, pos
