@@ -297,6 +297,10 @@ def train(
     )
 
 
+# The probe splits as the CLI prints them, the headline first (molting.eval.probes).
+PROBE_TITLES = {"test": "TEST probes: the headline, never tuned on", "dev": "dev probes: used to choose recipes"}
+
+
 @app.command(name="eval")
 def evaluate(
     persona_dir: PersonaDir,
@@ -315,7 +319,11 @@ def evaluate(
     runs: Runs = Path("runs"),
     judge: Annotated[str, typer.Option(help="a second opinion: this model also grades the answers")] = None,
     probes: Annotated[
-        bool, typer.Option(help="also ask the persona's held-out probes (probes.yaml), one greedy answer each")
+        bool,
+        typer.Option(
+            help="also ask the persona's held-out probes, test (probes-test.yaml) and dev (probes.yaml), "
+            "one greedy answer each"
+        ),
     ] = True,
     probe_max_new_tokens: Annotated[int, typer.Option(help="answer length of the probes")] = 128,
 ) -> None:
@@ -328,7 +336,7 @@ def evaluate(
     from molting import registry
     from molting.backends import load_backend
     from molting.eval import load_rubric, retention_table
-    from molting.eval.probes import load_probes, probes_table
+    from molting.eval.probes import load_probe_splits, probes_table
     from molting.eval.targets import evaluate_targets, target_labels, training_config
     from molting.persona import Persona
 
@@ -342,7 +350,7 @@ def evaluate(
         sampling = Sampling(n=samples)
         targets = dict(zip(labels, models, strict=True))
         opener = {lab: (lambda m=m: load_backend(m)) for lab, m in targets.items()}
-        probe_set = load_probes(persona) if probes else None
+        probe_set = load_probe_splits(persona) if probes else []
         probe_config = replace(config, max_new_tokens=min(max_new_tokens, probe_max_new_tokens))
         results = evaluate_targets(persona, rubric, opener, config, sampling, ui, probe_set, probe_config)
         settings = registry.config_dict(
@@ -356,9 +364,11 @@ def evaluate(
     if len(results) > 1:
         console.rule(f"[bold]retention against {results[0].label}")
         console.print(Markdown(retention_table(results)))
-    if probed := [p for result in results for p in result.probes]:
-        console.rule("[bold]held-out probes (pass / asked)")
-        console.print(Markdown(probes_table(probed)))
+    probed = [p for result in results for p in result.probes]
+    for split, title in PROBE_TITLES.items():
+        if of_split := [p for p in probed if p.split == split]:
+            console.rule(f"[bold]{title} (pass / asked)")
+            console.print(Markdown(probes_table(of_split)))
     console.print(f"registered: {entry.root}")
     data = [r.to_dict() for r in results]
     if judge:
@@ -553,6 +563,7 @@ def run_all(
     runs: Runs = Path("runs"),
 ) -> None:
     """Validate → budget → lint → train → rubric (base, fine-tuned) → GGUF → rubric (llama.cpp) → report."""
+    from molting.eval.probes import headline_line
     from molting.export.verify import VerifyConfig
     from molting.persona import Persona
     from molting.pipeline import RunConfig, run
@@ -572,6 +583,8 @@ def run_all(
     except MoltingError as exc:
         _fail(exc)
     console.rule("[bold green]done")
+    if line := headline_line([p for r in result.results.values() for p in r.probes]):
+        console.print(line, markup=False)
     console.print(f"report:  {result.report}\nadapter: {result.adapter}\nGGUF:    {result.gguf}")
     console.print(f"registered: {result.entry}")
 

@@ -370,7 +370,7 @@ def lint_persona(
     Returns:
         The dataset's findings, then the preferences'; none for a file that is not there.
     """
-    from molting.eval.probes import load_probes
+    from molting.eval.probes import load_probe_splits
     from molting.eval.rubric import load_rubric
     from molting.persona import DATASET_FILE, PREFERENCES_FILE
     from molting.preferences import lint_preferences
@@ -382,8 +382,8 @@ def lint_persona(
         return []
     rubric = load_rubric(persona)
     identity = (persona.forbidden_identities, persona.names, [q.prompt for q in rubric.questions])
-    probes = load_probes(persona)
-    held_out = [probe.prompt for probe in probes.probes] if probes else []
+    # Both probe splits: the dev probes (recipes are chosen by them) and the test probes (the headline).
+    held_out = [probe.prompt for split in load_probe_splits(persona) for probe in split.probes]
     findings = []
     if dataset.is_file():
         findings += lint_dataset(dataset, persona.language, *identity, budget, rubric.wrong, held_out)

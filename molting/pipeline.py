@@ -66,6 +66,8 @@ class RunConfig:
             with the system prompt on every model and, on the GGUF, also without it (the GGUF's
             chat template carries it; ``probe_bare=False`` skips that second pass). Their answers
             stop at ``probe_max_new_tokens``.
+        probe_splits: which probe splits to ask, of "test" (``probes-test.yaml``, the headline)
+            and "dev" (``probes.yaml``); the recipe search asks dev only (issue 25).
     """
 
     out: Path | None = None
@@ -81,11 +83,14 @@ class RunConfig:
     probes: bool = True
     probe_max_new_tokens: int = 128
     probe_bare: bool = True
+    probe_splits: tuple[str, ...] = ("test", "dev")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.models) - set(MODELS))
         if unknown or not self.models:
             raise ConfigError(f"models {unknown or '[]'}: choose among {list(MODELS)}")
+        if bad := sorted(set(self.probe_splits) - {"test", "dev"}):
+            raise ConfigError(f"probe_splits {bad}: choose among ['test', 'dev']")
 
 
 @dataclass
@@ -119,14 +124,14 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
     from molting.backends.llamacpp import LlamaCppBackend
     from molting.backends.transformers import TransformersBackend
     from molting.eval import evaluate, load_rubric
-    from molting.eval.probes import load_probes
+    from molting.eval.probes import load_probe_splits
     from molting.models import resolve_base_model
 
     config = replace(config, train=resolve_config(config.train))  # finetuning "auto" decided once, here
     out = Path(config.out or Path("runs") / persona.slug)
     out.mkdir(parents=True, exist_ok=True)
     rubric = load_rubric(persona)
-    probes = load_probes(persona) if config.probes else None
+    probes = [s for s in load_probe_splits(persona) if s.split in config.probe_splits] if config.probes else []
     base_dir = resolve_base_model(config.train.base_model)
     judge = _Evaluation(persona, rubric, probes, config, out, ui, evaluate)
 
@@ -194,11 +199,11 @@ def _merge(base_dir: Path, out: Path, ui) -> Path:
 
 @dataclass
 class _Evaluation:
-    """Judges one model: the rubric, then the held-out probes (with the system prompt, and without)."""
+    """Judges one model: the rubric, then each probe split (with the system prompt, and without)."""
 
     persona: Persona
     rubric: object
-    probes: object
+    probes: list
     config: RunConfig
     out: Path
     ui: object
@@ -226,8 +231,8 @@ class _Evaluation:
                     sampling=config.sampling,
                     progress=advance,
                 )
-            if self.probes is not None:
-                result.probes = [self._probe(backend, label, mode) for mode in ((True, False) if bare else (True,))]
+            modes = (True, False) if bare else (True,)
+            result.probes = [self._probe(backend, label, mode, s) for s in self.probes for mode in modes]
         finally:
             backend.close()
         (self.out / "eval").mkdir(exist_ok=True)
@@ -236,14 +241,14 @@ class _Evaluation:
         ui.table(result)
         return result
 
-    def _probe(self, backend, label: str, system_prompt: bool):
+    def _probe(self, backend, label: str, system_prompt: bool, probes):
         from molting.eval.targets import ask_probes
 
         generation = self.config.generation
         generation = replace(
             generation, max_new_tokens=min(generation.max_new_tokens, self.config.probe_max_new_tokens)
         )
-        return ask_probes(backend, self.persona, self.probes, generation, label, system_prompt, self.ui)
+        return ask_probes(backend, self.persona, probes, generation, label, system_prompt, self.ui)
 
 
 def _export(persona: Persona, merged: Path, out: Path, config: RunConfig, ui) -> ExportResult:
