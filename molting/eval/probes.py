@@ -60,7 +60,10 @@ SPLIT_FILES = {"test": "probes-test.yaml", "dev": PROBES_FILE}
 MAX_COPIED_SHARE = 0.5
 # An answer with more than this share of words (1 in 20) that are no words of its language is word salad.
 MAX_INVENTED_SHARE = 0.05
-PERSONA_CHECKS = ("leak", "empty", "identity", "wrong", "language", "repetition", "copying", "fluency")
+PERSONA_CHECKS = (
+    "leak", "empty", "identity", "wrong", "language", "repetition", "copying", "fluency",
+    "repeats", "muddled", "contradiction",
+)
 _KEYS = {"id", "kind", "prompt", "history", "language", "expect", "forbid"}
 
 
@@ -286,16 +289,30 @@ def probe_failures(probe: Probe, answer: str, judge: Judge, finish_reason: str |
     if not answer.strip():
         return ["empty: no answer"]
     failures = []
-    missing = [
-        " / ".join(g[:3])
-        for g, hit in zip(probe.expect, checks.matched_groups(answer, probe.expect), strict=True)
-        if not hit
-    ]
+    # The question's own words echoed back are not the expected fact (issue 25).
+    hits = checks.counted_facts(probe.prompt, probe.expect, answer)
+    missing = [" / ".join(g[:3]) for g, hit in zip(probe.expect, hits, strict=True) if not hit]
     if missing:
         failures.append("expect: missing " + "; ".join(missing))
-    if stated := [s for s in checks.stated_groups(answer, [[p] for p in probe.forbid]) if s]:
+    stated = [s for s in checks.stated_groups(answer, [[p] for p in probe.forbid]) if s]
+    stated += [s for s in checks.elided_statements(answer, probe.forbid) if s not in stated]
+    if stated:
         failures.append("forbid: states " + ", ".join(repr(s) for s in stated))
     failures += _persona_failures(probe, answer, judge)
+    failures += _content_failures(answer, judge)
+    return failures
+
+
+def _content_failures(answer: str, judge: Judge) -> list[str]:
+    """Known words that say little (issue 25): a clause said again, a name restated as its own
+    role, a person and an AI claimed at once."""
+    failures = []
+    if repeats := checks.repeated_clauses(answer):
+        failures.append(f'repeats: says "{repeats[0]}" again')
+    if doubled := checks.doubled_entities(answer, [*judge.names, *judge.forbidden]):
+        failures.append(f"muddled: {', '.join(doubled)} twice in one clause")
+    if checks.self_contradiction(answer):
+        failures.append("contradiction: claims to be a person and an AI")
     return failures
 
 
@@ -303,7 +320,9 @@ def _persona_failures(probe: Probe, answer: str, judge: Judge) -> list[str]:
     failures = []
     if claims := checks.identity_claims(answer, judge.forbidden, judge.names):
         failures.append(f"identity: claims to be {', '.join(claims)}")
-    if wrong := [w for w in checks.stated_groups(answer, judge.wrong) if w]:
+    wrong = [w or next(iter(checks.elided_statements(answer, g)), None)
+             for g, w in zip(judge.wrong, checks.stated_groups(answer, judge.wrong), strict=True)]
+    if wrong := [w for w in wrong if w]:
         failures.append("wrong: states " + ", ".join(repr(w) for w in wrong))
     expected = probe.language or judge.language
     detected = checks.detect_language(answer)
