@@ -140,14 +140,23 @@ class Calibration:
         return sorted(pairs, key=lambda p: abs(p[1] - p[0].label), reverse=True)[:k]
 
 
+def score_items(judge: Judge, rubric: Rubric, items: Sequence[Labelled]) -> list[float]:
+    """``judge``'s score of each labelled answer, 0-10, in order.
+
+    Raises:
+        KeyError: an item's ``question_id`` is not in ``rubric``.
+    """
+    questions: dict[str, Question] = {q.id: q for q in rubric.questions}
+    return [judge.score(questions[i.question_id], i.answer, i.finish_reason).score for i in items]
+
+
 def calibrate(judge: Judge, rubric: Rubric, items: Sequence[Labelled]) -> Calibration:
     """Score every labelled answer with ``judge`` and compare with the labels.
 
     Raises:
         KeyError: an item's ``question_id`` is not in ``rubric``.
     """
-    questions: dict[str, Question] = {q.id: q for q in rubric.questions}
-    scores = [judge.score(questions[i.question_id], i.answer, i.finish_reason).score for i in items]
+    scores = score_items(judge, rubric, items)
     labels = [i.label for i in items]
     gap = statistics.fmean(s - label for s, label in zip(scores, labels, strict=True))
     return Calibration(list(items), scores, spearman(scores, labels), gap)
@@ -165,8 +174,13 @@ def tune_weights(judge: Judge, rubric: Rubric, items: Sequence[Labelled], grid: 
     best, best_key = judge.weights, None
     for values in itertools.product(*grid.values()):
         weights = replace(judge.weights, **dict(zip(grid, values, strict=True)))
-        result = calibrate(replace(judge, weights=weights), rubric, items)
-        key = (round(result.rho, 6), -abs(result.mean_gap))
+        scores = score_items(replace(judge, weights=weights), rubric, items)
+        labels = [i.label for i in items]
+        try:
+            rho = spearman(scores, labels)
+        except (ValueError, ZeroDivisionError, statistics.StatisticsError):  # constant scores: no order at all
+            rho = -1.0
+        key = (round(rho, 6), -abs(statistics.fmean(s - y for s, y in zip(scores, labels, strict=True))))
         if best_key is None or key > best_key:
             best, best_key = weights, key
     return best
@@ -186,7 +200,7 @@ def cross_validate(
         train = [item for i, item in enumerate(items) if i % k != fold]
         tuned = replace(judge, weights=tune_weights(judge, rubric, train, grid))
         held = [i for i in range(len(items)) if i % k == fold]
-        fold_scores = calibrate(tuned, rubric, [items[i] for i in held]).scores if held else []
+        fold_scores = score_items(tuned, rubric, [items[i] for i in held])
         for i, score in zip(held, fold_scores, strict=True):
             scores[i] = score
     labels = [i.label for i in items]
