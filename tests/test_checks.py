@@ -198,3 +198,26 @@ def test_a_name_restated_as_its_own_role_is_muddled():
 )
 def test_self_contradiction(answer, contradicts):
     assert checks.self_contradiction(answer) is contradicts
+
+
+@pytest.mark.parametrize(
+    ("question", "open_"),
+    [
+        ("Quais são seus pontos fortes e fracos?", True),
+        ("O que é o Molting?", True),
+        ("Me fala sobre você", True),
+        ("Can we continue in English? Tell me what you do.", True),
+        # Controls: a yes/no question and an invitation are answered by their own words.
+        ("Oi, Cláudio! Tudo bem com você hoje?", False),
+        ("Bora bater um papo rápido sobre o seu dia?", False),
+        ("A Softtor vende algum produto?", False),
+    ],
+)
+def test_echoes_count_only_against_a_question_asking_for_content(question, open_):
+    assert checks.is_open_question(question) is open_
+
+
+def test_a_yes_no_question_is_answered_by_its_own_words():
+    assert checks.counted_facts("Tudo bem com você?", [["tudo bem"]], "Tudo bem, e você?") == ["tudo bem"]
+    assert checks.counted_facts("Como vai? Tudo bem?", [["tudo bem"]], "Tudo bem!") == ["tudo bem"]
+    assert checks.counted_facts("Quais são seus pontos fortes?", [["fortes"]], "Pontos fortes.") == [None]

@@ -388,14 +388,40 @@ def echoed_groups(question: str, groups: Iterable[Iterable[str]], hits: Iterable
     return [hit is not None and has_phrase(question, hit) for _, hit in zip(groups, hits, strict=True)]
 
 
+# Words that open a question asking for content ("Quais são...?", "What is...?"): echoing its words
+# answers nothing. A yes/no question or an invitation ("Tudo bem?", "Bora bater um papo?") is
+# answered by echoing it ("Tudo bem!", "Bora!").
+OPEN_QUESTION_WORDS = _words(
+    "quais qual quem que como onde quando quanto quantos quantas porque por pra para "
+    "what which who whom whose how where when why "
+    "cual cuales quien quienes donde cuando cuanto"
+)
+
+
+def is_open_question(question: str) -> bool:
+    """Whether the last question of ``question`` asks for content: it opens on a question word
+    ("Quais são seus pontos fortes?", "O que é o Molting?", "Me fala sobre você"), or is no
+    question at all (a request). "Tudo bem?" and "Você é o ChatGPT?" are not open."""
+    asked = [q for q in re.findall(r"[^.!?\n]*\?", question) if q.strip()]
+    if not asked or not question.rstrip().endswith("?"):  # a request, or one after the question
+        return True
+    words = normalize(asked[-1]).split()
+    words = words[1:] if words[:1] in (["e"], ["and"], ["y"]) else words
+    return bool(words) and (words[0] in OPEN_QUESTION_WORDS or words[:2] in (["o", "que"], ["do", "que"]))
+
+
 def counted_facts(question: str, groups: list[list[str]], answer: str) -> list[str | None]:
-    """``matched_groups``, less the groups matched only by the question's own words, unless the
-    answer also states a fact that is not in the question (then the echo frames real content).
+    """``matched_groups``, less the groups matched only by an open question's own words, unless
+    the answer also states a fact that is not in the question (then the echo frames real content).
+
+    A yes/no question ("Tudo bem?") is answered by its own words, so nothing is taken off there.
 
     Returns:
         Per group, the phrase that counts, or None.
     """
     hits = matched_groups(answer, groups)
+    if not is_open_question(question):
+        return hits
     echoed = echoed_groups(question, groups, hits)
     if any(hit is not None and not echo for hit, echo in zip(hits, echoed, strict=True)):
         return hits
