@@ -363,7 +363,7 @@ def write_table() -> None:
     rows = [rejudged(row) for row in rows]
     lines = [
         "| recipe | what changes | examples | GGUF | repetition penalty | rubric /10 (mean ± noise) "
-        "| held-out probes (± s.e.) | loss first → last | training | run |",
+        "| dev probes (± s.e.) | loss first → last | training | run |",
         "|---|---|---:|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
@@ -379,9 +379,24 @@ def write_table() -> None:
         TABLE.read_text(encoding="utf-8") if TABLE.exists() else "# Recipe search\n\n<!-- table -->\n<!-- /table -->\n"
     )
     text = _between(text, "table", lines)
+    if "<!-- test -->" in text:
+        text = _between(text, "test", test_table())
     if "<!-- dpo -->" in text:
         text = _between(text, "dpo", dpo_table(rows))
     TABLE.write_text(text, encoding="utf-8")
+
+
+def test_table() -> list[str]:
+    """The chosen recipes' test rates (``test-rates.jsonl``), each measured once, as recorded."""
+    text = TEST_ROWS.read_text(encoding="utf-8") if TEST_ROWS.exists() else ""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    lines = ["| recipe | what changes | GGUF | test probes | measured |", "|---|---|---|---:|---|"]
+    for r in rows:
+        rate = r["passed"] / r["asked"]
+        lines.append(
+            f"| {r['recipe']} | {r['what']} | {r['gguf']} | {r['passed']}/{r['asked']} ({rate:.0%}) | {r['date']} |"
+        )
+    return lines
 
 
 def _between(text: str, mark: str, lines: list[str]) -> str:
