@@ -36,7 +36,10 @@ def calibration(claudio):
 @pytest.fixture(scope="module")
 def held_out(claudio):
     judge, rubric = claudio
-    return calibrate(judge, rubric, [i for i in load_labelled(LABELLED) if i.split == "held-out"])
+    items = [i for i in load_labelled(LABELLED) if i.split == "held-out"]
+    if not items:  # issue 25: the fresh run's answers are not labelled yet; say so instead of passing
+        pytest.skip("labelled.jsonl has no held-out answers yet (issue 25, open): the thresholds wait for them")
+    return calibrate(judge, rubric, items)
 
 
 def test_the_labelled_set_holds_40_answers_24_of_them_real(calibration):
