@@ -47,7 +47,7 @@ Content carries the score: an answer in the right language with no fact at all g
 and one false statement ("o João é meu filho", the negative example the log saw
 learned backwards) costs as much as half the facts. The form scaling and the weights of
 the rows from "invented words" down were set against ``examples/claudio/labelled.jsonl``
-(51 answers labelled by hand, see README): Spearman 0.87 and a mean gap of +0.59 points
+(51 answers labelled by hand, see docs/rubric.md): Spearman 0.87 and a mean gap of +0.59 points
 there, held by ``tests/test_calibration.py``.
 
 The research log judged runs by these questions, by hand; molting judges by rules so
@@ -67,10 +67,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from molting.errors import ConfigError, PersonaError
 from molting.eval import checks
+from molting.text import load_yaml
 
 if TYPE_CHECKING:
     from molting.backends.base import Backend, GenerationConfig
@@ -370,10 +369,7 @@ def load_rubric(source: Persona | str | Path) -> Rubric:
         path = path / RUBRIC_FILE if path.is_dir() else path
         if not path.is_file():
             raise PersonaError(f"{path}: not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise PersonaError(f"{path}: invalid YAML: {exc}") from None
+    data = load_yaml(path)
     return _parse_rubric(data, path)
 
 
