@@ -7,6 +7,12 @@ held-out probes (``probes.yaml``, one greedy answer each). Never the loss.
 
     python experiments/recipes.py baseline matched-short ...   # run these recipes, in order
     python experiments/recipes.py --table                      # rewrite RECIPES.md from recipes.jsonl
+    python experiments/recipes.py --test RECIPE                # once, for a chosen recipe: its test rate
+
+The search chooses by the **dev** probes only (``probes.yaml``; issue 25): a recipe's persona
+copy leaves ``probes-test.yaml`` out (after the lint has checked its dataset against both
+splits), its runs ask dev only, and its rows hold dev figures. ``--test`` asks a chosen recipe's
+GGUF the test probes, once (a second call is refused), into ``test-rates.jsonl``.
 
 Each run appends a row to ``experiments/recipes.jsonl``, registers itself under
 ``experiments/runs/`` (``molting compare`` reads it) and rewrites ``experiments/RECIPES.md``.
@@ -32,6 +38,7 @@ from molting.train import TrainConfig
 HERE = Path(__file__).resolve().parent
 PERSONA = HERE.parent / "examples" / "claudio"
 ROWS = HERE / "recipes.jsonl"
+TEST_ROWS = HERE / "test-rates.jsonl"
 TABLE = HERE / "RECIPES.md"
 # The inference prompt of examples/claudio before this search (the README's "full" prompt, 328
 # tokens with SmolLM2's template) and a 60-token one written for it.
@@ -45,6 +52,10 @@ TINY_PROMPT = (HERE / "prompts" / "tiny.txt").read_text(encoding="utf-8").strip(
 # (English role swaps, refusals); it did not beat v2 (RECIPES.md), so examples/claudio stays v2.
 V1, V2 = (157, 58), (266, 58)
 V3_FILES = {name: HERE / "data" / f"v3-{name}" for name in ("dataset.jsonl", "preferences.jsonl")}
+# v4 (v4=True, issue 25): v2 and data/v4-phrasings.jsonl, 49 examples more: several user phrasings
+# per fact (name, AI, maker, João, Softtor, Molting, stack, personality, refusals, small talk), in
+# Portuguese and English, the persona asked about in the second person and in the third.
+V4_FILE = HERE / "data" / "v4-phrasings.jsonl"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # name -> (what it changes, persona changes, TrainConfig changes)
@@ -132,6 +143,11 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
         {"infer": "train", "extra": True},
         {"finetuning": "full", "learning_rate": 1e-4},
     ),
+    "phrasings-full": (
+        "extra-full + 49 examples: several phrasings per fact, both languages, both persons (315)",
+        {"infer": "train", "extra": True, "v4": True},
+        {"finetuning": "full", "learning_rate": 1e-4},
+    ),
     "extra-tiny-prompt": (
         "extra, 60-token prompt in training and use",
         {"infer": "short", "train": "short", "extra": True},
@@ -141,7 +157,17 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
 
 
 def make_persona(name: str, changes: dict, out: Path) -> Persona:
-    """Write the recipe's persona directory under ``out`` and load it (the lint and the registry read files)."""
+    """Write the recipe's persona directory under ``out`` and load it (the lint and the registry read files).
+
+    The copy holds the dev probes and not the test probes: the search cannot read them. Its
+    dataset is first linted against both splits (``molting.lint.lint_persona``).
+
+    Raises:
+        DatasetError: the recipe's training data holds a dev or test probe's prompt (or another lint error).
+    """
+    from molting.eval.probes import SPLIT_FILES
+    from molting.lint import lint_persona, raise_on_lint_errors
+
     target = out / "persona"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(PERSONA, target, ignore=shutil.ignore_patterns("labelled.jsonl"))
@@ -161,7 +187,11 @@ def make_persona(name: str, changes: dict, out: Path) -> Persona:
         lines = (PERSONA / name).read_text(encoding="utf-8").splitlines()[:count]
         if changes.get("v3"):
             lines += V3_FILES[name].read_text(encoding="utf-8").splitlines()
+        if changes.get("v4") and name == "dataset.jsonl":
+            lines += V4_FILE.read_text(encoding="utf-8").splitlines()
         (target / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    raise_on_lint_errors([f for f in lint_persona(Persona.load(target)) if f.check == "held-out"])
+    (target / SPLIT_FILES["test"]).unlink(missing_ok=True)
     return Persona.load(target)
 
 
@@ -199,6 +229,7 @@ def run_recipe(name: str, quant: str) -> dict:
         registry=HERE / "runs",
         models=("gguf",),
         probe_bare=False,
+        probe_splits=("dev",),
     )
     start = time.perf_counter()
     result = run(persona, config, LogUI())
@@ -242,7 +273,7 @@ def reuse_recipe(name: str, persona: Persona, quant: str) -> dict:
             backend, persona, load_rubric(persona), config.generation, label=f"GGUF {quant}", sampling=Sampling()
         )
         probe_config = replace(config.generation, max_new_tokens=config.probe_max_new_tokens)
-        result.probes = [run_probes(backend, persona, load_probes(persona), probe_config, label=result.label)]
+        result.probes = [run_probes(backend, persona, load_probes(persona, "dev"), probe_config, label=result.label)]
     finally:
         backend.close()
     settings = registry.config_dict(reuse=changes["reuse"], generation=config.generation, sampling=Sampling())
@@ -252,7 +283,9 @@ def reuse_recipe(name: str, persona: Persona, quant: str) -> dict:
 
 
 def _row(name, what, persona, train_changes, persona_changes, result, record, wall, entry) -> dict:
-    probes = result.probes[0]
+    from molting.eval.probes import of_split
+
+    probes = of_split(result.probes, "dev")
     return {
         "recipe": name,
         "what": what,
@@ -284,7 +317,7 @@ def rejudged(row: dict) -> dict:
     entry = registry.load(HERE.parent / row["entry"])
     persona = make_persona(row["recipe"], row["persona"], HERE / "out" / row["recipe"])
     result = rescore(entry.result(), persona, load_rubric(persona))
-    probes = rejudge(result.probes[0], persona, load_probes(persona))
+    probes = rejudge(result.probes[0], persona, load_probes(persona, "dev"))
     judged = {"rubric_mean": result.mean, "rubric_noise": result.noise, "probes_passed": probes.passed}
     return {**row, **judged, "outcomes": {o.id: o.passed for o in probes.outcomes}}
 
@@ -330,7 +363,7 @@ def write_table() -> None:
     rows = [rejudged(row) for row in rows]
     lines = [
         "| recipe | what changes | examples | GGUF | repetition penalty | rubric /10 (mean ± noise) "
-        "| held-out probes (± s.e.) | loss first → last | training | run |",
+        "| dev probes (± s.e.) | loss first → last | training | run |",
         "|---|---|---:|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
@@ -346,9 +379,24 @@ def write_table() -> None:
         TABLE.read_text(encoding="utf-8") if TABLE.exists() else "# Recipe search\n\n<!-- table -->\n<!-- /table -->\n"
     )
     text = _between(text, "table", lines)
+    if "<!-- test -->" in text:
+        text = _between(text, "test", test_table())
     if "<!-- dpo -->" in text:
         text = _between(text, "dpo", dpo_table(rows))
     TABLE.write_text(text, encoding="utf-8")
+
+
+def test_table() -> list[str]:
+    """The chosen recipes' test rates (``test-rates.jsonl``), each measured once, as recorded."""
+    text = TEST_ROWS.read_text(encoding="utf-8") if TEST_ROWS.exists() else ""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    lines = ["| recipe | what changes | GGUF | test probes | measured |", "|---|---|---|---:|---|"]
+    for r in rows:
+        rate = r["passed"] / r["asked"]
+        lines.append(
+            f"| {r['recipe']} | {r['what']} | {r['gguf']} | {r['passed']}/{r['asked']} ({rate:.0%}) | {r['date']} |"
+        )
+    return lines
 
 
 def _between(text: str, mark: str, lines: list[str]) -> str:
@@ -358,12 +406,50 @@ def _between(text: str, mark: str, lines: list[str]) -> str:
     return head + f"<!-- {mark} -->\n" + "\n".join(lines) + f"\n<!-- /{mark} -->" + tail
 
 
+def test_rate(name: str, quant: str) -> dict:
+    """Ask a chosen recipe's GGUF the TEST probes, once; the row goes to ``test-rates.jsonl``.
+
+    The recipe's persona (its prompt) answers; the probes come from ``examples/claudio``.
+
+    Raises:
+        SystemExit: the recipe has a test row already (a test rate is reported once), or no GGUF.
+    """
+    from molting.backends.llamacpp import LlamaCppBackend
+    from molting.eval.probes import load_probes, run_probes
+
+    lines = TEST_ROWS.read_text(encoding="utf-8").splitlines() if TEST_ROWS.exists() else []
+    done = [json.loads(line) for line in lines if line.strip()]
+    if any(row["recipe"] == name for row in done):
+        raise SystemExit(f"error: {TEST_ROWS}: {name} has its test rate already; it is reported once")
+    what, changes, _ = RECIPES[name]
+    run_dir = HERE / "out" / changes.get("reuse", name) / "run"
+    ggufs = sorted((HERE / "out" / name).rglob(f"*.{quant}.gguf"))
+    if not ggufs:
+        raise SystemExit(f"error: {HERE / 'out' / name}: no *.{quant}.gguf; run the recipe first")
+    persona = make_persona(name, changes, HERE / "out" / f"{name}-test")
+    backend = LlamaCppBackend(ggufs[0], n_ctx=RunConfig().n_ctx)
+    try:
+        config = replace(_generation(changes), max_new_tokens=RunConfig().probe_max_new_tokens)
+        result = run_probes(backend, persona, load_probes(PERSONA, "test"), config, label=f"GGUF {quant}")
+    finally:
+        backend.close()
+    record = {"recipe": name, "what": what, "run": str(run_dir.relative_to(HERE.parent)), "gguf": ggufs[0].name}
+    record |= {"passed": result.passed, "asked": len(result.outcomes), "date": time.strftime("%Y-%m-%d %H:%M UTC")}
+    with TEST_ROWS.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({**record, "result": result.to_dict()}, ensure_ascii=False) + "\n")
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", help=f"recipes to run, in order: {', '.join(RECIPES)}")
     parser.add_argument("--quant", default="Q8_0", help="GGUF type of every run (default Q8_0; the demo uses auto)")
     parser.add_argument("--table", action="store_true", help="only rewrite RECIPES.md from recipes.jsonl")
+    parser.add_argument("--test", metavar="RECIPE", help="once, for a chosen recipe: its GGUF's test probe rate")
     args = parser.parse_args()
+    if args.test:
+        print(json.dumps(test_rate(args.test, args.quant), ensure_ascii=False))
+        return
     if unknown := [r for r in args.recipes if r not in RECIPES]:
         parser.error(f"unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")
     for name in [] if args.table else args.recipes:

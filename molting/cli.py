@@ -23,7 +23,7 @@ from molting.backends.base import GenerationConfig
 from molting.bench import BenchConfig, report
 from molting.bench import bench as run_bench
 from molting.errors import ConfigError, Interrupted, MoltingError
-from molting.eval.probes import probes_table
+from molting.eval.probes import headline_line, probes_table
 from molting.eval.report import retention_table, score_cell
 from molting.eval.rubric import Sampling
 from molting.fit import MIB
@@ -411,6 +411,10 @@ def _check_training_memory(config, force: bool) -> None:
     )
 
 
+# The probe splits as the CLI prints them, the headline first (molting.eval.probes).
+PROBE_TITLES = {"test": "TEST probes: the headline, never tuned on", "dev": "dev probes: used to choose recipes"}
+
+
 @app.command(name="eval")
 def evaluate(
     persona_dir: PersonaDir,
@@ -429,7 +433,11 @@ def evaluate(
     runs: Runs = Path("runs"),
     judge: Annotated[str, typer.Option(help="a second opinion: this model also grades the answers")] = None,
     probes: Annotated[
-        bool, typer.Option(help="also ask the persona's held-out probes (probes.yaml), one greedy answer each")
+        bool,
+        typer.Option(
+            help="also ask the persona's held-out probes, test (probes-test.yaml) and dev (probes.yaml), "
+            "one greedy answer each"
+        ),
     ] = True,
     probe_max_new_tokens: Annotated[int, typer.Option(help="answer length of the probes")] = 128,
 ) -> None:
@@ -467,9 +475,11 @@ def evaluate(
     if len(results) > 1:
         console.rule(plain(f"retention against {results[0].label}", "bold"))
         console.print(Markdown(retention_table(results)))
-    if probed := [p for result in results for p in result.probes]:
-        console.rule("[bold]held-out probes (pass / asked)")
-        console.print(Markdown(probes_table(probed)))
+    probed = [p for result in results for p in result.probes]
+    for split, title in PROBE_TITLES.items():
+        if of_split := [p for p in probed if p.split == split]:
+            console.rule(plain(f"{title} (pass / asked)", "bold"))
+            console.print(Markdown(probes_table(of_split)))
     for result, opinion in zip(results, found.opinions, strict=False):
         _print_opinion(result, opinion)
     console.print(plain(f"registered: {found.entry}"))
@@ -655,7 +665,6 @@ def serve(
     from molting import serve as serving
 
     if engine == "vllm":
-        from molting.persona import Persona
         from molting.serve.vllm import persona_weights, vllm_commands
 
         if not print_only:
@@ -719,6 +728,8 @@ def run_all(
     except MoltingError as exc:
         _fail(exc)
     console.rule("[bold green]done")
+    if line := headline_line([p for r in result.results.values() for p in r.probes]):
+        console.print(plain(line))
     paths = f"report:  {result.report}\nadapter: {result.adapter}\nGGUF:    {result.gguf}"
     console.print(plain(paths, limit=4 * SHOWN))
     console.print(plain(f"registered: {result.entry}"))

@@ -278,7 +278,8 @@ def lint_persona(
     if not dataset.is_file() and not preferences.is_file():
         return []
     identity = (persona.forbidden_identities, persona.names, [q.prompt for q in rubric.questions])
-    held_out = [probe.prompt for probe in loaded.probes.probes] if loaded.probes else []
+    # Both probe splits: the dev probes (recipes are chosen by them) and the test probes (the headline).
+    held_out = [probe.prompt for split in loaded.probe_splits for probe in split.probes]
     findings = []
     numbered = len(persona.lines) == len(persona.examples) > 0
     read = list(zip(persona.lines, persona.examples, strict=True)) if numbered else None

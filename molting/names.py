@@ -9,8 +9,12 @@ DATASET_FILE = "dataset.jsonl"
 PREFERENCES_FILE = "preferences.jsonl"
 RUBRIC_FILE = "rubric.yaml"
 PROBES_FILE = "probes.yaml"
+# The held-out test probes (issue 25): reported, never tuned on (molting.eval.probes).
+PROBES_TEST_FILE = "probes-test.yaml"
 LABELLED_FILE = "labelled.jsonl"
 # Every file a persona directory may hold, in the order the registry hashes them.
-PERSONA_FILES = (PERSONA_FILE, DATASET_FILE, PREFERENCES_FILE, RUBRIC_FILE, PROBES_FILE, LABELLED_FILE)
+PERSONA_FILES = (
+    PERSONA_FILE, DATASET_FILE, PREFERENCES_FILE, RUBRIC_FILE, PROBES_FILE, PROBES_TEST_FILE, LABELLED_FILE
+)
 # ISO 639-1 codes of the languages a persona may answer in.
 LANGUAGES = ("pt", "en", "es")

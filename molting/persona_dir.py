@@ -7,11 +7,12 @@ loaded (``molting run`` parses ``rubric.yaml`` and ``probes.yaml`` once each)::
     dataset.jsonl      # molting.data: the training conversations
     preferences.jsonl  # molting.preferences: optional DPO pairs
     rubric.yaml        # molting.eval.rubric: the scored questions (default_rubric without it)
-    probes.yaml        # molting.eval.probes: optional held-out pass/fail probes
+    probes.yaml        # molting.eval.probes: optional held-out pass/fail probes, the dev split
+    probes-test.yaml   # molting.eval.probes: optional test split, the headline (issue 25)
     labelled.jsonl     # molting.eval.calibration: optional hand-labelled answers for the scorer
 
 The loader sits above both the data formats and ``molting.eval``: it is the one module that
-knows all six files.
+knows all seven files.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from molting.eval.calibration import Labelled, load_labelled
-from molting.eval.probes import ProbeSet, load_probes
+from molting.eval.probes import ProbeSet, load_probe_splits
 from molting.eval.rubric import Rubric, load_rubric
 from molting.names import LABELLED_FILE, PERSONA_FILES  # noqa: F401 (kept importable from here)
 from molting.persona import Persona
@@ -33,22 +34,30 @@ class PersonaDir:
     Attributes:
         persona: persona.yaml with its dataset and preference pairs (``Persona.load``).
         rubric: rubric.yaml, or ``default_rubric(persona)`` without one.
-        probes: probes.yaml; None without one.
+        probes: probes.yaml, the dev split; None without one.
         labelled: labelled.jsonl (``molting.eval.calibration``); None without one.
+        test_probes: probes-test.yaml, the test split (the headline); None without one.
     """
 
     persona: Persona
     rubric: Rubric
     probes: ProbeSet | None = None
     labelled: list[Labelled] | None = None
+    test_probes: ProbeSet | None = None
+
+    @property
+    def probe_splits(self) -> list[ProbeSet]:
+        """The probe splits the directory has, the test split first (``load_probe_splits``' order)."""
+        return [s for s in (self.test_probes, self.probes) if s is not None]
 
     @classmethod
     def load(cls, path: str | Path) -> PersonaDir:
         """Read and validate every file of the persona directory ``path``.
 
         Raises:
-            PersonaError: persona.yaml, rubric.yaml or probes.yaml missing a key, holding an
-                unknown one, or invalid (the message names the file and the field).
+            PersonaError: persona.yaml, rubric.yaml, probes.yaml or probes-test.yaml missing a
+                key, holding an unknown one, or invalid (the message names the file and the
+                field); a test probe that is also a dev probe.
             DatasetError: an invalid line of dataset.jsonl, preferences.jsonl or labelled.jsonl
                 (naming the file, the line and the field).
         """
@@ -58,11 +67,13 @@ class PersonaDir:
     def around(cls, persona: Persona) -> PersonaDir:
         """The rest of the directory of an already loaded ``persona``: rubric, probes, labelled answers."""
         labelled = persona.root / LABELLED_FILE if persona.root is not None else None
+        splits = {s.split: s for s in load_probe_splits(persona)}
         return cls(
             persona,
             load_rubric(persona),
-            load_probes(persona),
+            splits.get("dev"),
             load_labelled(labelled) if labelled is not None and labelled.is_file() else None,
+            splits.get("test"),
         )
 
 

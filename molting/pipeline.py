@@ -71,6 +71,8 @@ class RunConfig:
             with the system prompt on every model and, on the GGUF, also without it (the GGUF's
             chat template carries it; ``probe_bare=False`` skips that second pass). Their answers
             stop at ``probe_max_new_tokens``.
+        probe_splits: which probe splits to ask, of "test" (``probes-test.yaml``, the headline)
+            and "dev" (``probes.yaml``); the recipe search asks dev only (issue 25).
     """
 
     out: Path | None = None
@@ -86,11 +88,14 @@ class RunConfig:
     probes: bool = True
     probe_max_new_tokens: int = 128
     probe_bare: bool = True
+    probe_splits: tuple[str, ...] = ("test", "dev")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.models) - set(MODELS))
         if unknown or not self.models:
             raise ConfigError(f"models {unknown or '[]'}: choose among {list(MODELS)}")
+        if bad := sorted(set(self.probe_splits) - {"test", "dev"}):
+            raise ConfigError(f"probe_splits {bad}: choose among ['test', 'dev']")
 
 
 @dataclass
@@ -309,7 +314,7 @@ def validate(persona: Persona | PersonaDir, config: TrainConfig | None = None) -
 
 @dataclass
 class _Evaluation:
-    """Judges one model of a run: the rubric, then the held-out probes; saved as ``eval/<name>.json``."""
+    """Judges one model of a run: the rubric, then each probe split asked; saved as ``eval/<name>.json``."""
 
     persona: PersonaDir
     config: RunConfig
@@ -319,7 +324,7 @@ class _Evaluation:
     def __call__(self, label: str, make_backend: Callable) -> RubricResult:
         """The model's RubricResult (probes attached), saved and shown (``ui.table``)."""
         config = self.config
-        probes = self.persona.probes if config.probes else None
+        probes = [s for s in self.persona.probe_splits if s.split in config.probe_splits] if config.probes else []
         limit = min(config.generation.max_new_tokens, config.probe_max_new_tokens)
         (result,) = evaluate_targets(
             self.persona.persona,
@@ -388,7 +393,7 @@ def evaluate_persona(
     generation, sampling = generation or GenerationConfig(), sampling or Sampling()
     targets = dict(zip(target_labels(models, labels), models, strict=True))
     opener = {label: (lambda m=m: backends.load_backend(m)) for label, m in targets.items()}
-    probe_set = loaded.probes if probes else None
+    probe_set = loaded.probe_splits if probes else []
     probe_config = replace(generation, max_new_tokens=min(generation.max_new_tokens, probe_max_new_tokens))
     results = evaluate_targets(
         loaded.persona, loaded.rubric, opener, generation, sampling, ui, probe_set, probe_config

@@ -44,6 +44,7 @@ HASHED_FILES = {
     "preferences_sha256": PERSONA_FILES[2],
     "rubric_sha256": PERSONA_FILES[3],
     "probes_sha256": PERSONA_FILES[4],
+    "probes_test_sha256": PERSONA_FILES[5],
     "labelled_sha256": LABELLED_FILE,
 }
 

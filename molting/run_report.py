@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from molting.eval.probes import failures_section, probes_table
+from molting.eval.probes import failures_section, headline_line, probes_table
 from molting.eval.report import compare, reasons_section, rubric_table
 from molting.plots import loss_chart, scores_chart
 
@@ -42,6 +42,7 @@ def run_report(
     """
     parts = [
         f"# molting run: {persona.name}\n",
+        _headline(results),
         _settings(record, train_config, generation),
         _budget(record.budget),
         _loss(record.loss, out),
@@ -138,22 +139,38 @@ def _rubric(results: dict, generation: dict, out: Path) -> str:
     )
 
 
+def _headline(results: dict) -> str:
+    """The held-out pass rate of the test probes (else dev), one line in bold, before anything else."""
+    line = headline_line([p for result in results.values() for p in result.probes])
+    return f"**{line}**\n" if line else ""
+
+
+# split -> (title, what it is for) in the report; the test split first: it is the headline.
+_SPLITS = {
+    "test": ("Test probes (the headline)", "`probes-test.yaml`: used only to report, never to choose anything"),
+    "dev": ("Dev probes", "`probes.yaml`: used to choose recipes and thresholds, so they flatter the chosen one"),
+}
+
+
 def _probes(results: dict) -> str:
-    """Held-out probes: pass rate per kind for every model (and the GGUF without system prompt), the failures."""
+    """Held-out probes per split, test first: pass rate per kind for every model, then the failures."""
     probed = [p for result in results.values() for p in result.probes]
-    if not probed:
-        return ""
-    parts = [
-        "## Held-out probes\n",
-        f"{len(probed[0].outcomes)} questions that training never sees (`probes.yaml`), one greedy answer each; "
-        "an answer passes or fails (molting/eval/probes.py).\n",
-        probes_table(probed),
-        "",
-    ]
-    for probe in probed:
-        if failed := failures_section(probe):
-            title = probe.label if probe.system_prompt else f"{probe.label}, no system prompt"
-            parts += [f"### Failed probes: {title}\n", failed, ""]
+    parts = []
+    for split, (title, what) in _SPLITS.items():
+        of_split = [p for p in probed if p.split == split]
+        if not of_split:
+            continue
+        parts += [
+            f"## {title}\n",
+            f"{len(of_split[0].outcomes)} questions that training never sees ({what}), one greedy answer each; "
+            "an answer passes or fails (molting/eval/probes.py).\n",
+            probes_table(of_split),
+            "",
+        ]
+        for probe in of_split:
+            if failed := failures_section(probe):
+                title = probe.label if probe.system_prompt else f"{probe.label}, no system prompt"
+                parts += [f"### Failed {split} probes: {title}\n", failed, ""]
     return "\n".join(parts)
 
 

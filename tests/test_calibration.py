@@ -1,4 +1,9 @@
-"""The scorer held to people: examples/claudio/labelled.jsonl, answers labelled 0-10 by hand."""
+"""The scorer held to people: examples/claudio/labelled.jsonl, answers labelled 0-10 by hand.
+
+The thresholds hold on the held-out part (issue 25): answers labelled after the scorer's last
+change and committed before it scored them. The tune part, which the weights and phrase lists
+were set against, is reported beside it and held to the same figures as a regression guard.
+"""
 
 import json
 
@@ -6,7 +11,7 @@ import pytest
 
 from molting.errors import DatasetError
 from molting.eval import Judge, load_rubric
-from molting.eval.calibration import calibrate, load_labelled, ranks, spearman
+from molting.eval.calibration import calibrate, cross_validate, load_labelled, ranks, spearman, tune_weights
 from molting.persona import Persona
 
 LABELLED = "examples/claudio/labelled.jsonl"
@@ -15,10 +20,26 @@ MAX_MEAN_GAP = 1.0
 
 
 @pytest.fixture(scope="module")
-def calibration():
+def claudio():
     persona = Persona.load("examples/claudio")
     rubric = load_rubric(persona)
-    return calibrate(Judge.for_persona(persona, rubric), rubric, load_labelled(LABELLED))
+    return Judge.for_persona(persona, rubric), rubric
+
+
+@pytest.fixture(scope="module")
+def calibration(claudio):
+    """The tune part: in-sample figures."""
+    judge, rubric = claudio
+    return calibrate(judge, rubric, [i for i in load_labelled(LABELLED) if i.split == "tune"])
+
+
+@pytest.fixture(scope="module")
+def held_out(claudio):
+    judge, rubric = claudio
+    items = [i for i in load_labelled(LABELLED) if i.split == "held-out"]
+    if not items:  # issue 25: the fresh run's answers are not labelled yet; say so instead of passing
+        pytest.skip("labelled.jsonl has no held-out answers yet (issue 25, open): the thresholds wait for them")
+    return calibrate(judge, rubric, items)
 
 
 def test_the_labelled_set_holds_40_answers_24_of_them_real(calibration):
@@ -33,12 +54,52 @@ def test_the_labelled_set_holds_40_answers_24_of_them_real(calibration):
     assert all(i.reason.strip() for i in items)
 
 
-def test_the_scorer_ranks_answers_as_people_do(calibration):
-    assert calibration.rho >= MIN_RHO, [(i.id, i.label, s) for i, s in calibration.worst(8)]
+def test_the_held_out_part_holds_24_fresh_answers_of_a_new_run(held_out):
+    items = held_out.items
+    assert len(items) >= 24 and all(i.reason.strip() for i in items)
+    assert all("2026-12-05" in i.source for i in items)  # a run after the scorer was tuned
+    assert {"fine-tuned", "GGUF"} <= {i.model.split()[0] for i in items}
 
 
-def test_the_scorer_s_points_mean_what_people_s_do(calibration):
-    assert abs(calibration.mean_gap) <= MAX_MEAN_GAP, [(i.id, i.label, s) for i, s in calibration.worst(8)]
+def test_the_scorer_ranks_unseen_answers_as_people_do(held_out):
+    assert held_out.rho >= MIN_RHO, [(i.id, i.label, s) for i, s in held_out.worst(8)]
+
+
+def test_the_scorer_s_points_mean_what_people_s_do_on_unseen_answers(held_out):
+    assert abs(held_out.mean_gap) <= MAX_MEAN_GAP, [(i.id, i.label, s) for i, s in held_out.worst(8)]
+
+
+def test_in_sample_the_scorer_still_agrees(calibration):
+    assert calibration.rho >= MIN_RHO and abs(calibration.mean_gap) <= MAX_MEAN_GAP
+
+
+def test_tuning_finds_the_weights_the_labels_were_made_with(claudio):
+    from dataclasses import replace
+
+    from molting.eval.calibration import Labelled
+
+    judge, rubric = claudio
+    answers = [
+        ("tecnologias", "I know TypeScript, React, NestJS and Docker, and I use them every day."),
+        ("tecnologias", "Conheço TypeScript, React, Next.js, NestJS, Prisma e Docker."),
+        ("tecnologias", "Conheço TypeScript e um pouco de React."),
+        ("joao", "João is a full-stack developer and my partner at Softtor."),
+        ("joao", "O João Figueiredo é desenvolvedor full-stack e trabalha comigo."),
+        ("joao", "O João é legal."),
+    ]
+    questions = {q.id: q for q in rubric.questions}
+    grid = {"wrong_language_cap": [2.0, 10.0]}
+    for cap in (2.0, 10.0):  # labels a person would give with this cap in mind; the other cap is the control
+        labeller = replace(judge, weights=replace(judge.weights, wrong_language_cap=cap))
+        items = [
+            Labelled(f"a{k}", qid, text, labeller.score(questions[qid], text, "stop").score, "synthetic", "stop")
+            for k, (qid, text) in enumerate(answers)
+        ]
+        assert tune_weights(judge, rubric, items, grid).wrong_language_cap == cap
+    with pytest.raises(ValueError, match="grid keys"):
+        tune_weights(judge, rubric, items, {"nonsense": [1.0]})
+    folded = cross_validate(judge, rubric, items, grid, k=3)
+    assert len(folded.scores) == len(items) and -1 <= folded.rho <= 1
 
 
 def test_spearman_uses_average_ranks_for_ties():

@@ -125,3 +125,99 @@ def test_copied_share_counts_prompt_ngrams_not_in_the_persona_s_own_answers():
     # Phrasing the persona itself uses in its dataset is not copying.
     assert checks.copied_share(pasted, prompt, exempt=["você ajuda a pensar, escrever e revisar"]) == 2 / 6
     assert checks.copied_share("Oi", prompt) == 0.0
+
+
+# --- issue 25: each check fires on the failure a reader saw, and stays silent on its control ------
+
+
+def test_a_fact_matched_only_by_the_question_s_own_words_is_an_echo():
+    question, groups = "Quais são seus pontos fortes e fracos?", [["fortes", "forte"], ["fracos"], ["curioso"]]
+    echo = "Pontos: o que é uma ideia de um produto... Fracos: o que é uma ideia de um produto..."
+    assert checks.matched_groups(echo, groups) == [None, "fracos", None]  # what the rubric used to count
+    assert checks.counted_facts(question, groups, echo) == [None, None, None]
+    # Control: the same words framing real content count.
+    good = "Pontos fortes: sou curioso. Fracos: às vezes sou direto demais."
+    assert checks.counted_facts(question, groups, good) == ["fortes", "fracos", "curioso"]
+    assert checks.echoed_groups(question, groups, checks.matched_groups(good, groups)) == [True, True, False]
+
+
+def test_wrong_language_names_the_language_and_spares_the_right_one():
+    assert checks.wrong_language("Strong points are the ones that stand out in a work of art.", "pt") == "en"
+    assert checks.wrong_language("Meus pontos fortes são a curiosidade e a franqueza.", "pt") is None
+    assert checks.wrong_language("Oi!", "pt") is None  # too short to tell
+
+
+def test_a_sentence_opening_on_a_bare_copula_states_the_previous_subject():
+    answer = "O Molting é um projeto de pesquisa sobre portabilidade. É uma startup que decide o tempo."
+    assert not any(checks.stated_groups(answer, [["Molting é uma startup"]]))  # what the rubric used to see
+    assert checks.elided_statements(answer, ["Molting é uma startup"]) == ["Molting é uma startup"]
+    # Controls: another subject, a denial, a sentence with a subject of its own.
+    assert checks.elided_statements("O Molting é um projeto. A Softtor é uma startup.", ["Molting é uma startup"]) == []
+    assert checks.elided_statements("O Molting é um projeto. Não é uma startup.", ["Molting é uma startup"]) == []
+    assert checks.elided_statements("Molting is research. It is a startup.", ["Molting is a startup"]) == [
+        "Molting is a startup"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "repeats"),
+    [
+        ("No dia, no lugar. No código, no código. No CRM, no CRM.", ["no codigo", "no crm"]),
+        (
+            "Pontos: o que é uma ideia de um produto. Fracos: o que é uma ideia de um produto.",
+            ["o que e uma ideia de um produto"],
+        ),
+        # Controls: different clauses; a one-word clause said twice ("Claro! ... Claro.").
+        ("Sou o Cláudio, a IA da Softtor. Trabalho com o João, no CRM.", []),
+        ("Claro! Me manda o código. Claro.", []),
+    ],
+)
+def test_repeated_clauses(answer, repeats):
+    assert checks.repeated_clauses(answer) == repeats
+
+
+def test_a_name_restated_as_its_own_role_is_muddled():
+    names = ["Cláudio", "João", "João Figueiredo"]
+    muddled = "Sou curioso, direto e levemente irônico: ele é o João Figueiredo que decide o produto do João."
+    assert checks.doubled_entities(muddled, names) == ["joao"]
+    # Controls: the name in two clauses; the name once, inside its full form.
+    assert checks.doubled_entities("O João Figueiredo é dev. O João cuida do produto.", names) == []
+    assert checks.doubled_entities("Trabalho com o João Figueiredo na Softtor.", names) == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "contradicts"),
+    [
+        ("Sou uma pessoa de verdade, e eu sou o Cláudio, a IA da Softtor.", True),
+        ("I'm a real person and I am an AI.", True),
+        # Controls: a denial, then the claim; one claim alone.
+        ("Não sou uma pessoa, sou uma IA.", False),
+        ("Eu sou o Cláudio, a IA da Softtor.", False),
+        ("Sou uma pessoa curiosa.", False),
+    ],
+)
+def test_self_contradiction(answer, contradicts):
+    assert checks.self_contradiction(answer) is contradicts
+
+
+@pytest.mark.parametrize(
+    ("question", "open_"),
+    [
+        ("Quais são seus pontos fortes e fracos?", True),
+        ("O que é o Molting?", True),
+        ("Me fala sobre você", True),
+        ("Can we continue in English? Tell me what you do.", True),
+        # Controls: a yes/no question and an invitation are answered by their own words.
+        ("Oi, Cláudio! Tudo bem com você hoje?", False),
+        ("Bora bater um papo rápido sobre o seu dia?", False),
+        ("A Softtor vende algum produto?", False),
+    ],
+)
+def test_echoes_count_only_against_a_question_asking_for_content(question, open_):
+    assert checks.is_open_question(question) is open_
+
+
+def test_a_yes_no_question_is_answered_by_its_own_words():
+    assert checks.counted_facts("Tudo bem com você?", [["tudo bem"]], "Tudo bem, e você?") == ["tudo bem"]
+    assert checks.counted_facts("Como vai? Tudo bem?", [["tudo bem"]], "Tudo bem!") == ["tudo bem"]
+    assert checks.counted_facts("Quais são seus pontos fortes?", [["fortes"]], "Pontos fortes.") == [None]

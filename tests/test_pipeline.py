@@ -65,6 +65,9 @@ def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
     (tmp_path / "persona").mkdir()
     probe = {"id": "name", "kind": "name", "prompt": "Como você se chama?", "expect": [["Cláudio"]]}
     (tmp_path / "persona" / "probes.yaml").write_text(yaml.safe_dump({"probes": [probe]}), encoding="utf-8")
+    test_probe = {"id": "t-name", "kind": "name", "prompt": "Com quem eu falo?", "expect": [["Cláudio"]]}
+    test_file = tmp_path / "persona" / "probes-test.yaml"
+    test_file.write_text(yaml.safe_dump({"probes": [test_probe]}), encoding="utf-8")
     persona = make_persona(tmp_path / "persona")
     out = tmp_path / "run"
     config = RunConfig(
@@ -104,10 +107,15 @@ def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
     saved = json.loads((out / "claudio.Q8_0.verify.json").read_text())
     assert [f["quant"] for f in saved["files"]] == ["F16", "Q8_0"]
     assert "## Export check" in report and result.check.to_markdown() in report
-    # held-out probes on every model; on the GGUF also without the system prompt (its template carries it)
-    probed = {label: [(p.system_prompt, len(p.outcomes)) for p in r.probes] for label, r in result.results.items()}
-    assert probed == {"base": [(True, 1)], "fine-tuned": [(True, 1)], "GGUF Q8_0": [(True, 1), (False, 1)]}
-    assert "## Held-out probes" in report and "| **all** |" in report and "GGUF Q8_0 (no system prompt)" in report
+    # both probe splits, test first, on every model; on the GGUF also without the system prompt (its
+    # template carries it); the test split's rate heads the report
+    probed = {label: [(p.split, p.system_prompt) for p in r.probes] for label, r in result.results.items()}
+    both = [("test", True), ("dev", True)]
+    gguf = [("test", True), ("test", False), ("dev", True), ("dev", False)]
+    assert probed == {"base": both, "fine-tuned": both, "GGUF Q8_0": gguf}
+    assert report.index("test probes (the headline): base") < report.index("## Training")
+    assert report.index("## Test probes (the headline)") < report.index("## Dev probes")
+    assert "| **all** |" in report and "GGUF Q8_0 (no system prompt)" in report
 
 
 def test_run_can_judge_the_gguf_alone_and_fine_tunes_a_small_model_fully(tiny_llama_256_dir, tmp_path):

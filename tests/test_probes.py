@@ -214,7 +214,9 @@ def test_the_example_persona_has_thirty_probes_and_a_clean_dataset():
     assert not [f for f in lint_persona(persona) if f.check == "held-out"]
 
 
-def test_compare_shows_each_runs_probe_pass_rate(tmp_path):
+def test_compare_shows_each_runs_probe_pass_rate_test_split_first(tmp_path):
+    from dataclasses import replace
+
     from molting.eval.report import compare_runs
     from molting.eval.rubric import QuestionResult, QuestionScore
 
@@ -222,10 +224,90 @@ def test_compare_shows_each_runs_probe_pass_rate(tmp_path):
     _, good = outcomes(persona, ["Eu sou o Cláudio.", "Eu sou o Cláudio.", "Ele é desenvolvedor.", "I am Cláudio."])
     _, bad = outcomes(persona, ["Sou o João."])
 
-    def run(label, score, probes):
+    def run(label, score, *probes):
         answer = QuestionScore("q", "Quem é você?", "x", score, [], {})
-        return RubricResult(label, "1.0", [QuestionResult("q", "Quem é você?", [answer])], probes=[probes])
+        return RubricResult(label, "1.0", [QuestionResult("q", "Quem é você?", [answer])], probes=list(probes))
 
     text = compare_runs([run("run-1", 5.0, good), run("run-2", 5.0, bad)])
-    section = text.split("## Held-out probes (pass / asked)")[1]
+    assert "## Test probes" not in text  # runs before issue 25: dev probes only
+    section = text.split("## Dev probes, used to choose recipes (pass / asked)")[1]
     assert "| kind | run-1 | run-2 |" in section and "| **all** | **4/4 (100%)** | **0/4 (0%)** |" in section
+
+    tested = [run(n, 5.0, replace(dev, split="test"), dev) for n, dev in (("run-1", bad), ("run-2", good))]
+    text = compare_runs(tested)
+    assert text.index("## Test probes, the headline") < text.index("## Dev probes")
+    test_section = text.split("## Test probes, the headline (pass / asked)")[1].split("## Dev")[0]
+    assert "| **all** | **0/4 (0%)** | **4/4 (100%)** |" in test_section
+
+
+TEST_PROBES = {
+    "version": "1.0",
+    "probes": [
+        {"id": "t-name", "kind": "name", "prompt": "Com quem eu falo?", "expect": [["Cláudio"]]},
+        {"id": "t-maker", "kind": "maker", "prompt": "Quem te fez?", "expect": [["Softtor"]]},
+    ],
+}
+
+
+def write_test_probes(root, probes=TEST_PROBES):
+    (root / "probes-test.yaml").write_text(yaml.safe_dump(probes, allow_unicode=True), encoding="utf-8")
+
+
+def test_the_two_splits_load_apart_test_first(tmp_path):
+    from molting.eval.probes import load_probe_splits
+
+    persona = write_persona(tmp_path)
+    assert [s.split for s in load_probe_splits(persona)] == ["dev"]
+    write_test_probes(tmp_path)
+    sets = load_probe_splits(persona)
+    assert [(s.split, len(s.probes)) for s in sets] == [("test", 2), ("dev", 4)]
+    assert load_probes(persona, "test").path.name == "probes-test.yaml"
+    assert load_probes(persona).split == "dev" and load_probes(persona).path.name == "probes.yaml"
+    with pytest.raises(PersonaError, match="probe split 'train' not in"):
+        load_probes(persona, "train")
+
+
+def test_a_test_probe_that_is_also_a_dev_probe_is_refused(tmp_path):
+    from molting.eval.probes import load_probe_splits
+
+    persona = write_persona(tmp_path)
+    leaked = {"version": "1.0", "probes": [{"id": "t-x", "kind": "name", "prompt": "como você se chama?"}]}
+    write_test_probes(tmp_path, leaked)
+    with pytest.raises(PersonaError, match=r"probes-test.yaml: probe 't-x' is also in .*probes.yaml"):
+        load_probe_splits(persona)
+
+
+def test_the_lint_refuses_training_data_holding_a_test_probe_prompt(tmp_path):
+    examples = [[("Oi", "Oi, eu sou o Cláudio.")], [("Quem te fez?", "A Softtor.")]]
+    persona = write_persona(tmp_path, examples=examples)
+    assert not [f for f in lint_persona(persona) if f.check == "held-out"]  # control: no test file yet
+    write_test_probes(tmp_path)
+    held_out = [(f.line, f.severity) for f in lint_persona(persona) if f.check == "held-out"]
+    assert held_out == [(2, "error")]
+
+
+def test_results_keep_their_split_and_the_headline_is_test(tmp_path):
+    from molting.eval.probes import headline, headline_line, load_probe_splits
+
+    persona = write_persona(tmp_path)
+    write_test_probes(tmp_path)
+    test, dev = load_probe_splits(persona)
+    on_test = run_probes(FakeBackend(["Sou o Cláudio, da Softtor."]), persona, test, label="GGUF")
+    on_dev = run_probes(FakeBackend(["Sou o João."]), persona, dev, label="GGUF")
+    assert (on_test.split, on_dev.split) == ("test", "dev")
+    assert ProbeResult.from_dict(on_test.to_dict()).split == "test"
+    assert headline([on_dev, on_test]) == [on_test]
+    assert headline([on_dev]) == [on_dev]  # no test split: dev, and the line says so
+    assert headline_line([on_dev, on_test]) == "test probes (the headline): GGUF 2/2 (100%)"
+    assert headline_line([on_dev]).startswith("dev probes (no test split): GGUF 0/4")
+    old = on_dev.to_dict()
+    del old["split"]
+    assert ProbeResult.from_dict(old).split == "dev"  # results saved before issue 25
+
+
+def test_the_example_persona_has_a_test_split_of_thirty_new_probes():
+    from molting.eval.probes import load_probe_splits
+
+    test, dev = load_probe_splits(Persona.load("examples/claudio"))
+    assert test.split == "test" and len(test.probes) >= 30
+    assert {p.kind for p in dev.probes} <= {p.kind for p in test.probes} | {"english"}

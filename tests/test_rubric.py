@@ -82,9 +82,9 @@ def test_wrong_statements_truncation_loops_and_language_cost_points(rubric, judg
     )
     looping = judge.score(question(rubric, "tecnologias"), good + " Eu uso Docker e Docker." * 8, "stop")
     assert base == 10
-    assert hallucinated.score == 5 and "OpenCV" in hallucinated.reasons[-1]
+    assert hallucinated.score == 5 and any("OpenCV" in r for r in hallucinated.reasons)
     assert cut.score == 9 and not cut.checks["truncated"]
-    assert english.score == 9 and not english.checks["language"]
+    assert english.score == 4 and not english.checks["language"]  # capped (issue 25); 9 before the cap
     assert looping.score == 9 and not looping.checks["repetition"]
 
 
@@ -184,3 +184,64 @@ def test_answers_made_of_invented_words_cannot_score_well(rubric, judge):
     assert judge.score(question(rubric, "molting"), fluent, "stop").score == 10
     score = judge.score(question(rubric, "molting"), invented, "stop")
     assert not score.checks["fluency"] and score.score <= 3 and "rúzes" in " ".join(score.reasons)
+
+
+# --- issue 25: the four answers the issue quotes, each against a control without the failure -----
+
+
+def test_facts_echoed_from_the_question_do_not_count(rubric, judge, monkeypatch):
+    from molting.eval import checks
+
+    q = question(rubric, "pontos-fortes-fracos")
+    echo = "Pontos: o que é uma ideia de um produto... Fracos: o que é uma ideia de um produto..."
+    scored = judge.score(q, echo, "stop")
+    assert scored.score <= 2.5 and not scored.checks["facts"], scored.reasons  # form alone: 2.2
+    # Negative control: count echoes as facts again, and the answer gains points.
+    monkeypatch.setattr(checks, "counted_facts", lambda prompt, groups, answer: checks.matched_groups(answer, groups))
+    assert judge.score(q, echo, "stop").score > scored.score
+
+
+def test_an_answer_in_the_wrong_language_is_capped(rubric, judge):
+    from dataclasses import replace
+
+    from molting.eval.rubric import WRONG_LANGUAGE_CAP
+
+    q = question(rubric, "tecnologias")
+    english = "I know TypeScript, React, NestJS and Docker, and I use them every day."
+    assert judge.score(q, english, "stop").score == WRONG_LANGUAGE_CAP
+    uncapped = replace(judge, weights=replace(judge.weights, wrong_language_cap=10.0))
+    assert uncapped.score(q, english, "stop").score > WRONG_LANGUAGE_CAP  # control: the cap is what holds it
+
+
+def test_a_false_statement_on_its_own_question_is_caught_through_an_elided_subject(rubric, judge):
+    q = question(rubric, "molting")
+    true = "O Molting é um projeto de pesquisa sobre portabilidade de personalidade de IA."
+    assert judge.score(q, true, "stop").score == 10.0  # control
+    scored = judge.score(q, true + " É uma startup que decide o tempo do desenvolvimento.", "stop")
+    assert scored.score <= 7.0 and not scored.checks["wrong"], scored.reasons
+    # The same sentence on the CRM question, about the Softtor, is true and costs nothing.
+    crm = question(rubric, "crm")
+    assert judge.score(crm, "A Softtor é uma startup. É uma startup que faz um CRM.", "stop").checks["wrong"]
+
+
+def test_a_muddled_clause_and_a_contradiction_cost_what_a_reader_takes_off(rubric, judge):
+    from dataclasses import replace
+
+    q = question(rubric, "personalidade")
+    muddled = "Sou curioso, direto e levemente irônico, uma IA: ele é o João Figueiredo que decide o produto do João."
+    scored = judge.score(q, muddled, "stop")
+    assert scored.score <= 7.0 and not scored.checks["muddled"], scored.reasons
+    free = replace(judge, weights=replace(judge.weights, doubled_entity_penalty=0.0))
+    assert free.score(q, muddled, "stop").score >= 9.9  # control: the muddle is what costs the points
+
+    about = question(rubric, "sobre-voce")
+    both = "Sou uma pessoa de verdade, e eu sou o Cláudio, a IA da Softtor. Trabalho com o João."
+    assert judge.score(about, both, "stop").score <= 3.0
+    assert judge.score(about, "Eu sou o Cláudio, a IA da Softtor. Trabalho com o João.", "stop").score >= 9.9
+
+
+def test_clauses_said_again_cost_points_but_a_loop_is_not_counted_twice(rubric, judge):
+    q = question(rubric, "jeito-de-trabalhar")
+    said_twice = "Trabalho com o João, no código. No código, no código. Sou direto."
+    once = "Trabalho com o João, no código. Sou direto e reviso testes."
+    assert judge.score(q, once, "stop").score - judge.score(q, said_twice, "stop").score >= 2.0

@@ -281,9 +281,10 @@ def test_cli_eval_over_several_targets_prints_retention_and_registers(tmp_path, 
     saved = json.loads((tmp_path / "r.json").read_text())
     assert [r["label"] for r in saved] == ["merged", "GGUF Q4_K_M"]
     assert [len(q["answers"]) for q in saved[1]["questions"]] == [2] * 8
-    # the held-out probes beside the rubric: every probe asked of every model, with the system prompt
-    assert "held-out probes" in result.output
-    assert [[(p["system_prompt"], p["asked"]) for p in r["probes"]] for r in saved] == [[(True, 35)]] * 2
+    # the held-out probes beside the rubric: every probe of both splits asked of every model, test first
+    assert result.output.index("TEST probes: the headline") < result.output.index("dev probes: used to choose")
+    asked = [[(p["split"], p["system_prompt"], p["asked"]) for p in r["probes"]] for r in saved]
+    assert asked == [[("test", True, 37), ("dev", True, 35)]] * 2
 
 
 class _SilentUI:

@@ -372,3 +372,165 @@ def copied_share(answer: str, source: str, exempt: Iterable[str] = (), n: int = 
     allowed = {g for text in exempt for g in _ngrams(text, n)}
     copied = set(_ngrams(source, n)) - allowed
     return sum(g in copied for g in grams) / len(grams)
+
+
+# --- issue 25: what a reader sees that the checks above did not --------------------------------
+
+
+def echoed_groups(question: str, groups: Iterable[Iterable[str]], hits: Iterable[str | None]) -> list[bool]:
+    """For each matched fact group, whether its matched phrase is a word of the ``question`` itself.
+
+    "Quais são seus pontos fortes e fracos?" answered "Pontos: ... Fracos: ..." holds the
+    phrases "fortes" and "fracos" only because the question does: the answer echoes, it does
+    not state a fact. ``hits`` is ``matched_groups(answer, groups)``; a group not matched is
+    not echoed.
+    """
+    return [hit is not None and has_phrase(question, hit) for _, hit in zip(groups, hits, strict=True)]
+
+
+# Words that open a question asking for content ("Quais são...?", "What is...?"): echoing its words
+# answers nothing. A yes/no question or an invitation ("Tudo bem?", "Bora bater um papo?") is
+# answered by echoing it ("Tudo bem!", "Bora!").
+OPEN_QUESTION_WORDS = _words(
+    "quais qual quem que como onde quando quanto quantos quantas porque por pra para "
+    "what which who whom whose how where when why "
+    "cual cuales quien quienes donde cuando cuanto"
+)
+
+
+def is_open_question(question: str) -> bool:
+    """Whether the last question of ``question`` asks for content: it opens on a question word
+    ("Quais são seus pontos fortes?", "O que é o Molting?", "Me fala sobre você"), or is no
+    question at all (a request). "Tudo bem?" and "Você é o ChatGPT?" are not open."""
+    asked = [q for q in re.findall(r"[^.!?\n]*\?", question) if q.strip()]
+    if not asked or not question.rstrip().endswith("?"):  # a request, or one after the question
+        return True
+    words = normalize(asked[-1]).split()
+    words = words[1:] if words[:1] in (["e"], ["and"], ["y"]) else words
+    return bool(words) and (words[0] in OPEN_QUESTION_WORDS or words[:2] in (["o", "que"], ["do", "que"]))
+
+
+def counted_facts(question: str, groups: list[list[str]], answer: str) -> list[str | None]:
+    """``matched_groups``, less the groups matched only by an open question's own words, unless
+    the answer also states a fact that is not in the question (then the echo frames real content).
+
+    A yes/no question ("Tudo bem?") is answered by its own words, so nothing is taken off there.
+
+    Returns:
+        Per group, the phrase that counts, or None.
+    """
+    hits = matched_groups(answer, groups)
+    if not is_open_question(question):
+        return hits
+    echoed = echoed_groups(question, groups, hits)
+    if any(hit is not None and not echo for hit, echo in zip(hits, echoed, strict=True)):
+        return hits
+    return [None if echo else hit for hit, echo in zip(hits, echoed, strict=True)]
+
+
+def wrong_language(answer: str, expected: str) -> str | None:
+    """The language ``answer`` is written in when it is not ``expected`` (None: right, or undecidable)."""
+    detected = detect_language(answer)
+    return detected if detected not in (None, expected) else None
+
+
+# A sentence that opens on a bare copula continues the previous sentence's subject: "O Molting é um
+# projeto de pesquisa. É uma startup..." says the Molting is a startup.
+_ELIDED = re.compile(r"^(?:eh|it is|it's|es)\s")
+_SUBJECT = re.compile(r"^(?:(?:o|a|the|el|la)\s+)?([\w.-]+(?:\s+[\w.-]+)?)\s+(?:eh|is|es)\s")
+
+
+def with_subjects(answer: str) -> str:
+    """``answer`` normalized, each sentence that opens on a bare copula given the previous subject.
+
+    "O Molting é um projeto. É uma startup." reads "o molting eh um projeto. molting eh uma
+    startup.", so that a per-question ``wrong`` phrase "Molting é uma startup" finds it. A
+    sentence with its own subject ("A Softtor é uma startup.") is left as it is. The copula
+    "é" is written "eh" (``_copula_text``), so match phrases through the same function.
+    """
+    out, subject = [], None
+    for sentence in re.findall(r"[^.!?\n]+[.!?\n]*", answer):
+        text = _copula_text(sentence)
+        if (own := _SUBJECT.match(text)) and not _ELIDED.match(text):
+            subject = own.group(1)
+        elif subject and _ELIDED.match(text):
+            text = re.sub(r"^(?:it is|it's)\s", "is ", text)  # English names its subject "it"
+            text = f"{subject} {text}"
+        out.append(text)
+    return " ".join(out)
+
+
+def elided_statements(answer: str, phrases: Iterable[str]) -> list[str]:
+    """The ``phrases`` (subject, copula, predicate: "Molting é uma startup") that ``answer`` states
+    only through a sentence opening on a bare copula (``with_subjects``); a denial before them
+    does not count, as in ``stated_groups``."""
+    resolved = with_subjects(answer)
+    found = []
+    for phrase in phrases:
+        needle = re.escape(_copula_text(phrase))
+        for match in re.finditer(rf"(?<!\w){needle}(?!\w)", resolved):
+            before = resolved[: match.start()].split()[-2:]
+            if not any(re.fullmatch(_NEGATION, word) for word in before):
+                found.append(phrase)
+                break
+    return found
+
+
+def clauses(answer: str) -> list[str]:
+    """The clauses of ``answer``, normalized: the text between punctuation marks."""
+    return [c.strip() for c in re.split(r"[.,;:!?()\n—–-]+\s", normalize(answer) + " ") if c.strip()]
+
+
+def repeated_clauses(answer: str, min_words: int = 2) -> list[str]:
+    """Clauses of at least ``min_words`` words that repeat an earlier clause of the answer.
+
+    "No código, no código. No CRM, no CRM." repeats "no codigo" and "no crm"; "Pontos: o que é
+    uma ideia de um produto... Fracos: o que é uma ideia de um produto" repeats the second
+    clause. Known words that say the same thing twice say little.
+    """
+    seen, repeats = set(), []
+    for clause in clauses(answer):
+        if len(clause.split()) < min_words:
+            continue
+        if clause in seen:
+            repeats.append(clause)
+        seen.add(clause)
+    return repeats
+
+
+def doubled_entities(answer: str, names: Iterable[str]) -> list[str]:
+    """Names said twice in one clause, the second time as the first's own attribute.
+
+    "ele é o João Figueiredo que decide o produto do João": a fact about João restated as
+    João's role of his own; a reader finds no one in it. A name twice in separate clauses
+    ("O João é dev. O João...") is not counted; "João" inside "João Figueiredo" is a mention.
+
+    Returns:
+        The names (normalized) said twice or more in some clause, without repeats.
+    """
+    found = []
+    for clause in clauses(answer):
+        for name in {normalize(n) for n in names if n.strip()}:
+            if len(re.findall(rf"(?<!\w){re.escape(name)}(?!\w)", clause)) >= 2:
+                found.append(name)
+    return sorted(set(found))
+
+
+# First-person claims of being an AI and of being a person: one answer cannot make both.
+AI_CLAIMS = ("sou uma IA", "sou a IA", "sou uma inteligência artificial", "sou a inteligência artificial",
+             "sou um programa", "sou um modelo", "sou uma máquina", "I am an AI", "I'm an AI", "I am the AI",
+             "I'm the AI", "I am a program", "I'm a program")
+PERSON_CLAIMS = ("sou uma pessoa", "sou uma pessoa de verdade", "sou humano", "sou uma pessoa real",
+                 "sou de carne e osso", "sou gente", "I am a person", "I'm a person", "I am human", "I'm human",
+                 "I am a real person", "I'm a real person", "I am a human", "I'm a human")
+
+
+def self_contradiction(answer: str, first: Iterable[str] = AI_CLAIMS, second: Iterable[str] = PERSON_CLAIMS) -> bool:
+    """Whether ``answer`` states one of ``first`` and one of ``second`` (denials do not count).
+
+    "Sou uma pessoa de verdade, e eu sou o Cláudio, a IA da Softtor." claims to be a person and
+    an AI: the second clause contradicts the first ("a IA" in apposition counts as "sou a IA").
+    "Não sou uma pessoa, sou uma IA" does not.
+    """
+    text = re.sub(r"(?<!\w)(sou|i'm|i am) (?:o |the )?\w+,? (a|an|uma|the) ", r"\1 \2 ", normalize(answer))
+    return bool(any(stated_groups(text, [list(first)])) and any(stated_groups(text, [list(second)])))

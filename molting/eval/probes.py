@@ -24,6 +24,16 @@ runs (issue 14), not by fitting a score.
 
 ``molting validate`` refuses training data holding a probe's prompt (``molting.data``), so a
 pass rate measures the persona, not recall of its dataset.
+
+Two splits (issue 25), each in its own file so that a tool can be given one and not the other:
+
+- ``probes.yaml``, the **dev** probes: for choosing recipes, thresholds and scorer weights
+  (``experiments/recipes.py`` reads only these);
+- ``probes-test.yaml``, the **test** probes: used only to report. ``molting run``, ``eval``
+  and ``compare`` show the test pass rate first, as the headline.
+
+A second file rather than a ``split`` key per probe: a copy of the persona without the test
+file cannot read the test answers by mistake, and the dev file stays as it was.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from molting.errors import PersonaError
 from molting.eval import checks
 from molting.eval.results import ProbeOutcome, ProbeResult
 from molting.eval.rubric import LOOP_THRESHOLD, Judge, Rubric, load_rubric, phrase_groups
-from molting.names import LANGUAGES, PROBES_FILE
+from molting.names import LANGUAGES, PROBES_FILE, PROBES_TEST_FILE
 from molting.text import load_yaml
 
 if TYPE_CHECKING:
@@ -50,19 +60,29 @@ __all__ = [  # ProbeOutcome and ProbeResult live in molting.eval.results; kept i
     "ProbeOutcome",
     "ProbeResult",
     "ProbeSet",
+    "SPLIT_FILES",
     "failures_section",
+    "headline",
+    "headline_line",
+    "load_probe_splits",
     "load_probes",
+    "of_split",
     "probe_failures",
     "probes_table",
     "rejudge",
     "run_probes",
 ]
 
+# split -> file in the persona directory; the test split is the headline, dev the one tuned on.
+SPLIT_FILES = {"test": PROBES_TEST_FILE, "dev": PROBES_FILE}
 # An answer whose 4-grams are more than this share copied from the system prompt pastes it back.
 MAX_COPIED_SHARE = 0.5
 # An answer with more than this share of words (1 in 20) that are no words of its language is word salad.
 MAX_INVENTED_SHARE = 0.05
-PERSONA_CHECKS = ("leak", "empty", "identity", "wrong", "language", "repetition", "copying", "fluency")
+PERSONA_CHECKS = (
+    "leak", "empty", "identity", "wrong", "language", "repetition", "copying", "fluency",
+    "repeats", "muddled", "contradiction",
+)
 _KEYS = {"id", "kind", "prompt", "history", "language", "expect", "forbid"}
 
 
@@ -92,18 +112,26 @@ class ProbeSet:
     version: str
     probes: list[Probe]
     path: Path | None = None
+    split: str = "dev"
 
 
-def load_probes(source: Persona | str | Path) -> ProbeSet | None:
-    """The probes of a persona directory (or a ``probes.yaml`` path); None if it has none.
+def load_probes(source: Persona | str | Path, split: str = "dev") -> ProbeSet | None:
+    """The ``split`` probes of a persona directory (or a probes file); None if it has none.
+
+    Args:
+        source: a persona, its directory, or a probes YAML file (read as ``split``).
+        split: "dev" (``probes.yaml``) or "test" (``probes-test.yaml``); see the module docstring.
 
     Raises:
-        PersonaError: invalid YAML, unknown keys, a missing prompt, a duplicate id, or
-            malformed groups, naming the file and the probe.
+        PersonaError: an unknown split, invalid YAML, unknown keys, a missing prompt, a
+            duplicate id, or malformed groups, naming the file and the probe.
     """
-    path = Path(source) if isinstance(source, str | Path) else (source.root or Path(".")) / PROBES_FILE
+    if split not in SPLIT_FILES:
+        raise PersonaError(f"probe split {split!r} not in {tuple(SPLIT_FILES)}")
+    name = SPLIT_FILES[split]
+    path = Path(source) if isinstance(source, str | Path) else (source.root or Path(".")) / name
     if path.is_dir():
-        path = path / PROBES_FILE
+        path = path / name
     if not path.is_file():
         return None
     data = load_yaml(path)
@@ -115,7 +143,49 @@ def load_probes(source: Persona | str | Path) -> ProbeSet | None:
         if probe.id in seen:
             raise PersonaError(f"{path}: probe id {probe.id!r} is used twice")
         seen.add(probe.id)
-    return ProbeSet(str(data.get("version", "1")), probes, path)
+    return ProbeSet(str(data.get("version", "1")), probes, path, split)
+
+
+def load_probe_splits(source: Persona | str | Path) -> list[ProbeSet]:
+    """Every probe split a persona directory has, the test split first (the headline).
+
+    Raises:
+        PersonaError: as ``load_probes``; also a prompt or id in both splits (a test probe
+            that is also a dev probe measures nothing held out), naming both files.
+    """
+    sets = [s for s in (load_probes(source, split) for split in SPLIT_FILES) if s is not None]
+    if len(sets) == 2:
+        test, dev = sets
+        dev_prompts = {p.prompt.casefold(): p.id for p in dev.probes}
+        dev_ids = {p.id for p in dev.probes}
+        for probe in test.probes:
+            if probe.id in dev_ids or probe.prompt.casefold() in dev_prompts:
+                raise PersonaError(f"{test.path}: probe {probe.id!r} is also in {dev.path}; a test probe must be new")
+    return sets
+
+
+def headline(results: list[ProbeResult]) -> list[ProbeResult]:
+    """The results of the headline split: test where there are test results, else dev."""
+    test = [r for r in results if r.split == "test"]
+    return test or [r for r in results if r.split != "test"]
+
+
+def headline_line(results: list[ProbeResult]) -> str:
+    """One line: the headline split's pass rate per model, with the system prompt (empty if none ran).
+
+    ``"test probes (the headline): base 2/37 (5%), GGUF Q8_0 20/37 (54%)"``.
+    """
+    shown = [r for r in headline(results) if r.system_prompt]
+    if not shown:
+        return ""
+    rates = ", ".join(f"{r.label} {r.passed}/{len(r.outcomes)} ({r.pass_rate:.0%})" for r in shown)
+    what = "test probes (the headline)" if shown[0].split == "test" else "dev probes (no test split)"
+    return f"{what}: {rates}"
+
+
+def of_split(results: list[ProbeResult], split: str, system_prompt: bool = True) -> ProbeResult | None:
+    """The one result of ``split`` asked with (or without) the system prompt; None if not run."""
+    return next((r for r in results if r.split == split and r.system_prompt == system_prompt), None)
 
 
 def _parse_probe(item: object, where: str) -> Probe:
@@ -169,16 +239,30 @@ def probe_failures(probe: Probe, answer: str, judge: Judge, finish_reason: str |
     if not answer.strip():
         return ["empty: no answer"]
     failures = []
-    missing = [
-        " / ".join(g[:3])
-        for g, hit in zip(probe.expect, checks.matched_groups(answer, probe.expect), strict=True)
-        if not hit
-    ]
+    # The question's own words echoed back are not the expected fact (issue 25).
+    hits = checks.counted_facts(probe.prompt, probe.expect, answer)
+    missing = [" / ".join(g[:3]) for g, hit in zip(probe.expect, hits, strict=True) if not hit]
     if missing:
         failures.append("expect: missing " + "; ".join(missing))
-    if stated := [s for s in checks.stated_groups(answer, [[p] for p in probe.forbid]) if s]:
+    stated = [s for s in checks.stated_groups(answer, [[p] for p in probe.forbid]) if s]
+    stated += [s for s in checks.elided_statements(answer, probe.forbid) if s not in stated]
+    if stated:
         failures.append("forbid: states " + ", ".join(repr(s) for s in stated))
     failures += _persona_failures(probe, answer, judge)
+    failures += _content_failures(answer, judge)
+    return failures
+
+
+def _content_failures(answer: str, judge: Judge) -> list[str]:
+    """Known words that say little (issue 25): a clause said again, a name restated as its own
+    role, a person and an AI claimed at once."""
+    failures = []
+    if repeats := checks.repeated_clauses(answer):
+        failures.append(f'repeats: says "{repeats[0]}" again')
+    if doubled := checks.doubled_entities(answer, [*judge.names, *judge.forbidden]):
+        failures.append(f"muddled: {', '.join(doubled)} twice in one clause")
+    if checks.self_contradiction(answer):
+        failures.append("contradiction: claims to be a person and an AI")
     return failures
 
 
@@ -186,7 +270,9 @@ def _persona_failures(probe: Probe, answer: str, judge: Judge) -> list[str]:
     failures = []
     if claims := checks.identity_claims(answer, judge.forbidden, judge.names):
         failures.append(f"identity: claims to be {', '.join(claims)}")
-    if wrong := [w for w in checks.stated_groups(answer, judge.wrong) if w]:
+    wrong = [w or next(iter(checks.elided_statements(answer, g)), None)
+             for g, w in zip(judge.wrong, checks.stated_groups(answer, judge.wrong), strict=True)]
+    if wrong := [w for w in wrong if w]:
         failures.append("wrong: states " + ", ".join(repr(w) for w in wrong))
     expected = probe.language or judge.language
     detected = checks.detect_language(answer)
@@ -246,7 +332,7 @@ def run_probes(
         )
         for probe, response in zip(probes.probes, responses, strict=True)
     ]
-    return ProbeResult(label, system_prompt, outcomes)
+    return ProbeResult(label, system_prompt, outcomes, probes.split)
 
 
 def rejudge(result: ProbeResult, persona: Persona, probes: ProbeSet, rubric: Rubric | None = None) -> ProbeResult:
@@ -265,16 +351,18 @@ def rejudge(result: ProbeResult, persona: Persona, probes: ProbeSet, rubric: Rub
             raise PersonaError(f"{probes.path}: no probe {old.id!r} (answered in {result.label})")
         failures = probe_failures(by_id[old.id], old.answer, judge, old.finish_reason)
         outcomes.append(ProbeOutcome(old.id, old.kind, old.prompt, old.answer, failures, old.finish_reason))
-    return ProbeResult(result.label, result.system_prompt, outcomes)
+    return ProbeResult(result.label, result.system_prompt, outcomes, result.split)
 
 
 def probes_table(results: list[ProbeResult]) -> str:
     """Markdown: pass rate per kind and in all, one column per result."""
     if not results:
         return ""
-    header = ["kind", *(_column(r) for r in results)]
+    splits = len({r.split for r in results}) > 1
+    header = ["kind", *(_column(r, splits) for r in results)]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(results)]
-    for kind in results[0].by_kind():
+    kinds = list(dict.fromkeys(kind for r in results for kind in r.by_kind()))
+    for kind in kinds:
         cells = []
         for result in results:
             passed, asked = result.by_kind().get(kind, (0, 0))
@@ -285,8 +373,9 @@ def probes_table(results: list[ProbeResult]) -> str:
     return "\n".join(lines)
 
 
-def _column(result: ProbeResult) -> str:
-    return result.label if result.system_prompt else f"{result.label} (no system prompt)"
+def _column(result: ProbeResult, split: bool = False) -> str:
+    label = result.label if result.system_prompt else f"{result.label} (no system prompt)"
+    return f"{label}, {result.split}" if split else label
 
 
 def failures_section(result: ProbeResult, max_chars: int = 300) -> str:

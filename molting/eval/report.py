@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from molting.eval.probes import probes_table
+from molting.eval.probes import of_split, probes_table
 from molting.eval.results import QuestionResult, RubricResult
 
 # A change in the mean score (0-10 per question) smaller than this is noise: one fact more or less.
@@ -280,9 +280,11 @@ def compare_runs(results: list[RubricResult], settings: list[dict] | None = None
     if settings is not None:
         parts += ["## Changes\n", settings_table([r.label for r in results], settings), ""]
     parts += ["## Rubric per question\n", phase_table(results), ""]
-    if all(r.probes for r in results):
-        probed = [replace(r.probes[0], label=r.label) for r in results]
-        parts += ["## Held-out probes (pass / asked)\n", probes_table(probed), ""]
+    for split, title in (("test", "Test probes, the headline"), ("dev", "Dev probes, used to choose recipes")):
+        found = [of_split(r.probes, split) for r in results]
+        if all(found):
+            probed = [replace(p, label=r.label) for p, r in zip(found, results, strict=True)]
+            parts += [f"## {title} (pass / asked)\n", probes_table(probed), ""]
     steps = [compare(before, after) for before, after in zip(results, results[1:], strict=False)]
     parts += ["## Verdict\n"]
     parts += [f"- {step.summary()}" + _named(step) for step in steps]

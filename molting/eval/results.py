@@ -25,7 +25,7 @@ class QuestionScore:
         reasons: why points were lost, one short phrase each; empty when none were.
         checks: check name -> passed (``leak``, ``identity``, ``facts``, ``wrong``,
             ``language``, ``truncated``, ``repetition``, ``entities``, ``fluency``, ``mixed``,
-            ``copying``, ``second-person``).
+            ``copying``, ``second-person``, ``repeats``, ``muddled``, ``contradiction``).
         finish_reason: the backend's, "stop" or "length".
     """
 
@@ -191,11 +191,13 @@ class ProbeResult:
         system_prompt: whether the persona's system prompt was sent (False: the model's own
             default, which for molting's GGUF is the persona's prompt in its chat template).
         outcomes: one per probe, in file order.
+        split: the probes' split, "dev" (``probes.yaml``) or "test" (``probes-test.yaml``, the headline).
     """
 
     label: str
     system_prompt: bool
     outcomes: list[ProbeOutcome]
+    split: str = "dev"
 
     @property
     def passed(self) -> int:
@@ -218,6 +220,7 @@ class ProbeResult:
         return {
             "label": self.label,
             "system_prompt": self.system_prompt,
+            "split": self.split,
             "passed": self.passed,
             "asked": len(self.outcomes),
             "pass_rate": round(self.pass_rate, 4),
@@ -226,4 +229,5 @@ class ProbeResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> ProbeResult:
-        return cls(data["label"], data["system_prompt"], [ProbeOutcome(**o) for o in data["outcomes"]])
+        outcomes = [ProbeOutcome(**o) for o in data["outcomes"]]
+        return cls(data["label"], data["system_prompt"], outcomes, data.get("split", "dev"))  # before issue 25: dev

@@ -35,6 +35,12 @@ prompt copying           -6 x the share of word 4-grams copied from the system p
 second-person self-ref.  -2 ("você é o Cláudio", "você ajuda a pensar", "seu parceiro")
 identity collapse        caps the question at 2
 persona-wide wrong       caps the question at 3 (an identity rule broken)
+wrong language           caps the question at 4 (issue 25)
+clauses said again       -2 each, at most -6 ("No código, no código.")
+a name as its own role   -3 ("o João que decide o produto do João")
+person and AI at once    caps the question at 3 ("Sou uma pessoa de verdade, ... a IA")
+facts echoed             a fact group matched only by the question's own words does not
+                         count, unless the answer states another fact
 =======================  ==========================================================
 
 Content carries the score: an answer in the right language with no fact at all gets 3,
@@ -107,6 +113,34 @@ SECOND_PERSON_PENALTY = 2.0
 # A persona-wide wrong statement (an identity rule broken: "o João é uma IA") caps the answer here;
 # the research log scored such answers 2-3 (phase 8: "João é meu filho" 2 and 3).
 IDENTITY_RULE_CAP = 3.0
+# Issue 25, set by reading the answers the issue quotes (none of them in labelled.jsonl's held-out part):
+# an answer in the wrong language is capped here (an English answer about art kept 6.8 of 10);
+WRONG_LANGUAGE_CAP = 4.0
+# a clause said again costs this much each, up to 3 clauses ("No código, no código. No CRM, no CRM.");
+REPEATED_CLAUSE_PENALTY = 2.0
+# a name said twice in one clause, the fact restated as its own role ("o João que decide o produto do
+# João"), costs this much once;
+DOUBLED_ENTITY_PENALTY = 3.0
+# claiming to be a person and an AI in one answer caps it as an identity rule broken.
+CONTRADICTION_CAP = IDENTITY_RULE_CAP
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The scorer's tunable weights (the module constants are the defaults).
+
+    ``molting.eval.calibration.tune_weights`` searches them against labelled answers;
+    ``cross_validate`` reports how such a tuning does on answers it was not tuned on.
+    """
+
+    form_floor: float = FORM_FLOOR
+    fluency_penalty: float = FLUENCY_PENALTY
+    foreign_penalty: float = FOREIGN_PENALTY
+    copy_penalty: float = COPY_PENALTY
+    second_person_penalty: float = SECOND_PERSON_PENALTY
+    repeated_clause_penalty: float = REPEATED_CLAUSE_PENALTY
+    doubled_entity_penalty: float = DOUBLED_ENTITY_PENALTY
+    wrong_language_cap: float = WRONG_LANGUAGE_CAP
 
 
 @dataclass(frozen=True)
@@ -281,6 +315,7 @@ class Judge:
         wrong: the rubric's persona-wide ``wrong`` groups, checked on every question.
         system_prompt: the text whose copying costs points (both of the persona's prompts).
         own_words: the persona's dataset answers: phrases found there are not copying.
+        weights: the tunable weights (``Weights``; the module constants by default).
     """
 
     language: str
@@ -291,6 +326,7 @@ class Judge:
     wrong: list[list[str]] = field(default_factory=list)
     system_prompt: str = ""
     own_words: list[str] = field(default_factory=list)
+    weights: Weights = field(default_factory=Weights)
 
     @classmethod
     def for_persona(cls, persona: Persona, rubric: Rubric) -> Judge:
@@ -334,12 +370,14 @@ class Judge:
         if leaked or not answer.strip():
             return result.finish(question, answer, finish_reason, cap=0.0)
 
-        hits = checks.matched_groups(answer, question.facts)
+        # A fact the answer holds only as the question's own words is an echo, not a fact (issue 25).
+        hits = checks.counted_facts(question.prompt, question.facts, answer)
         found = sum(h is not None for h in hits)
         share = found / len(hits) if hits else 1.0
         result.points += FACT_POINTS * share
         # Form (identity, language, an ending, no loop) is worth its points in an answer that answers.
-        result.form = FORM_FLOOR + (1 - FORM_FLOOR) * share
+        floor = self.weights.form_floor
+        result.form = floor + (1 - floor) * share
         missing = [" / ".join(g[:3]) for g, h in zip(question.facts, hits, strict=True) if h is None]
         result.check("facts", not missing, f"missing facts ({found}/{len(hits)}): " + "; ".join(missing))
 
@@ -351,6 +389,7 @@ class Judge:
         self._invented(answer, expected, wrong, result)
         self._fluency(answer, expected, wrong, result)
         self._copying(answer, result)
+        self._content(answer, expected, result)
         if claims:
             result.cap = min(result.cap, COLLAPSE_CAP)
         return result.finish(question, answer, finish_reason)
@@ -364,7 +403,10 @@ class Judge:
         """
         own = question.wrong
         shared = [g for g in self.wrong if g not in own]
-        hits = checks.stated_groups(answer, [*own, *shared])
+        groups = [*own, *shared]
+        # ... also through a sentence that opens on a bare copula ("O Molting é ... . É uma startup").
+        hits = [h or next(iter(checks.elided_statements(answer, g)), None)
+                for g, h in zip(groups, checks.stated_groups(answer, groups), strict=True)]
         present = [h for h in hits if h is not None]
         result.points -= WRONG_PENALTY * len(present)
         quoted = ", ".join(f'"{w}"' for w in present)
@@ -397,29 +439,55 @@ class Judge:
         ``FOREIGN_PENALTY`` per unit share (an answer wholly in English fails ``language``).
         """
         share, invented = checks.invented_share(answer, language, self.known)
-        result.points -= FLUENCY_PENALTY * share
+        cost = self.weights.fluency_penalty * share
+        result.points -= cost
         shown = ", ".join(dict.fromkeys(invented[:6]))
-        result.check("fluency", not invented, f"invented words ({share:.0%}): {shown} (-{FLUENCY_PENALTY * share:.1f})")
+        result.check("fluency", not invented, f"invented words ({share:.0%}): {shown} (-{cost:.1f})")
 
         wrong_words = {checks.normalize(w) for phrase in wrong for w in phrase.split()}
         foreign = checks.foreign_words(answer, language, self.known | wrong_words)
         mixed = bool(foreign) and checks.detect_language(answer) in (None, language)
         share = len(foreign) / len(checks.words_of(answer)) if mixed else 0.0
-        result.points -= FOREIGN_PENALTY * share
+        cost = self.weights.foreign_penalty * share
+        result.points -= cost
         shown = ", ".join(dict.fromkeys(foreign[:6]))
-        result.check("mixed", not mixed, f"English mid-answer ({share:.0%}): {shown} (-{FOREIGN_PENALTY * share:.1f})")
+        result.check("mixed", not mixed, f"English mid-answer ({share:.0%}): {shown} (-{cost:.1f})")
 
     def _copying(self, answer: str, result: _Tally) -> None:
         """The system prompt read back: copied n-grams (points scale with the share) and "você é o Cláudio"."""
         share = checks.copied_share(answer, self.system_prompt, self.own_words)
-        result.points -= COPY_PENALTY * share
-        cost = f"-{COPY_PENALTY * share:.1f}"
+        result.points -= self.weights.copy_penalty * share
+        cost = f"-{self.weights.copy_penalty * share:.1f}"
         result.check("copying", share == 0, f"{share:.0%} of 4-grams copied from the system prompt ({cost})")
         selves = checks.second_person_self_references(answer, [*self.names, *self.traits], self.system_prompt)
+        penalty = self.weights.second_person_penalty
         if selves:
-            result.points -= SECOND_PERSON_PENALTY
+            result.points -= penalty
         quoted = selves[0] if selves else ""
-        result.check("second-person", not selves, f'calls itself "você": "{quoted}" (-{SECOND_PERSON_PENALTY:g})')
+        result.check("second-person", not selves, f'calls itself "você": "{quoted}" (-{penalty:g})')
+
+    def _content(self, answer: str, expected: str, result: _Tally) -> None:
+        """Known words that say little (issue 25): the wrong language caps the answer; clauses said
+        again and a name restated as its own role cost points; claiming to be a person and an AI caps it."""
+        weights = self.weights
+        if other := checks.wrong_language(answer, expected):
+            result.cap = min(result.cap, weights.wrong_language_cap)
+            result.reasons.append(f"in {other}, not {expected} (capped at {weights.wrong_language_cap:g})")
+        # A loop (the ``repetition`` check) already costs its point and form; its clauses are not counted again.
+        repeats = checks.repeated_clauses(answer) if checks.repetition_ratio(answer) <= LOOP_THRESHOLD else []
+        result.points -= weights.repeated_clause_penalty * min(3, len(repeats))
+        shown = "; ".join(f'"{r}"' for r in repeats[:3])
+        result.check("repeats", not repeats, f"clauses said again: {shown} (-{weights.repeated_clause_penalty:g} each)")
+        doubled = checks.doubled_entities(answer, [*self.names, *self.forbidden])
+        if doubled:
+            result.points -= weights.doubled_entity_penalty
+        cost = weights.doubled_entity_penalty
+        result.check("muddled", not doubled, f"{', '.join(doubled)} twice in one clause (-{cost:g})")
+        contradicts = checks.self_contradiction(answer)
+        if contradicts:
+            result.cap = min(result.cap, CONTRADICTION_CAP)
+        capped = f"capped at {CONTRADICTION_CAP:g}"
+        result.check("contradiction", not contradicts, f"claims to be a person and an AI ({capped})")
 
 
 @dataclass

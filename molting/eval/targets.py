@@ -74,7 +74,7 @@ def evaluate_targets(
     config: GenerationConfig,
     sampling: Sampling,
     ui,
-    probes: ProbeSet | None = None,
+    probes: Sequence[ProbeSet] = (),
     probe_config: GenerationConfig | None = None,
     bare: bool = True,
 ) -> list[RubricResult]:
@@ -85,8 +85,9 @@ def evaluate_targets(
         models: label -> a function opening the model's Backend (called once, closed after).
         config, sampling: as for ``evaluate``, the same for every model.
         ui: progress reporter with ``step(title)`` and ``bar(title, total)`` (see ``molting.pipeline.run``).
-        probes: held-out probes to ask each model too (``molting.eval.probes``), with the system
-            prompt, and on a llama.cpp model also without it (a GGUF's template carries it); None skips.
+        probes: held-out probe splits to ask each model too (``molting.eval.probes.load_probe_splits``),
+            with the system prompt, and on a llama.cpp model also without it (a GGUF's template
+            carries it); empty skips.
         probe_config: decoding of the probes (default ``config``).
         bare: on a llama.cpp model, ask the probes also without the system prompt (False: only with it).
 
@@ -102,12 +103,11 @@ def evaluate_targets(
                 result = evaluate(
                     backend, persona, rubric, config, label=label, sampling=sampling, progress=advance
                 )
-            if probes is not None:
-                modes = (True, False) if bare and backend.name == "llama.cpp" else (True,)
-                decoding = probe_config or config
-                result.probes = [
-                    ask_probes(backend, persona, probes, decoding, label, m, ui, rubric) for m in modes
-                ]
+            modes = (True, False) if bare and backend.name == "llama.cpp" else (True,)
+            decoding = probe_config or config
+            result.probes = [
+                ask_probes(backend, persona, s, decoding, label, m, ui, rubric) for s in probes for m in modes
+            ]
         finally:
             backend.close()
         results.append(result)
@@ -118,7 +118,7 @@ def ask_probes(
     backend, persona, probes: ProbeSet, config, label: str, system_prompt: bool, ui, rubric: Rubric | None = None
 ) -> ProbeResult:
     """``run_probes`` behind a progress bar titled by the model (and "no system prompt" when so)."""
-    title = f"probes: {label}" + ("" if system_prompt else " (no system prompt)")
+    title = f"{probes.split} probes: {label}" + ("" if system_prompt else " (no system prompt)")
     with ui.bar(title, len(probes.probes)) as advance:
         return run_probes(
             backend,
