@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 
 from molting.backends.base import GenerationConfig
 from molting.errors import ConfigError, MoltingError
+from molting.eval.conversations import DRIFT_MAX_NEW_TOKENS, DRIFT_SAMPLING
 from molting.eval.rubric import Sampling
 
 # The libraries' own tqdm bars would interleave with molting's rich ones.
@@ -195,14 +196,25 @@ def _fail(exc: Exception) -> None:
 
 
 @app.command()
-def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: MaxLength = None) -> None:
+def validate(
+    persona_dir: PersonaDir,
+    base: Base = "smollm2-135m",
+    max_length: MaxLength = None,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="answer length assumed for the held-out conversations' budget")
+    ] = DRIFT_MAX_NEW_TOKENS,
+) -> None:
     """Check a persona directory, print its token budget with the model's tokenizer, and lint its dataset.
+
+    With held-out conversations (conversations.yaml): how many tokens the longest reaches when
+    every answer takes max_new_tokens, against the model's context and molting run's llama.cpp n_ctx.
 
     Exits with 1 when the lint finds an error (see ``molting.data.lint_dataset``).
     """
     from transformers import AutoTokenizer
 
     from molting.data import lint_persona, token_budget
+    from molting.eval.conversations import load_conversations
     from molting.models import resolve_base_model
     from molting.persona import Persona
     from molting.preferences import preference_budget
@@ -231,11 +243,38 @@ def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: M
         )
     try:
         findings = lint_persona(persona, budgets["training"], pair_budget)
+        scripts = load_conversations(persona)
     except MoltingError as exc:
         _fail(exc)
+    if scripts is not None:
+        _conversation_budget(tokenizer, persona, scripts, max_new_tokens, resolve_base_model(base))
     RichUI().lint(findings)
     if any(f.severity == "error" for f in findings):
         raise typer.Exit(code=1)
+
+
+def _conversation_budget(tokenizer, persona, scripts, max_new_tokens: int, model_dir) -> None:
+    """Print the longest held-out conversation's tokens against the model's and llama.cpp's context."""
+    from transformers import AutoConfig
+
+    from molting.eval.conversations import longest_conversation
+    from molting.pipeline import RunConfig
+
+    cid, tokens = longest_conversation(tokenizer, persona.system_prompt, scripts, max_new_tokens)
+    context = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    n_ctx = RunConfig.n_ctx
+    console.print(
+        f"held-out conversations: {len(scripts.scripts)}; the longest ({cid}) reaches {tokens} tokens with "
+        f"answers of {max_new_tokens} tokens (inference system prompt); the model's context: {context} tokens, "
+        f"molting run's llama.cpp n_ctx: {n_ctx}",
+        markup=False,
+        highlight=False,
+    )
+    if tokens > min(c for c in (context, n_ctx) if c):
+        console.print(
+            "[yellow]the longest held-out conversation outgrows the context: its oldest turns will be dropped "
+            "(molting.backends.session)"
+        )
 
 
 @app.command()
@@ -318,6 +357,16 @@ def evaluate(
         bool, typer.Option(help="also ask the persona's held-out probes (probes.yaml), one greedy answer each")
     ] = True,
     probe_max_new_tokens: Annotated[int, typer.Option(help="answer length of the probes")] = 128,
+    conversations: Annotated[
+        bool,
+        typer.Option(help="also hold the persona's held-out conversations (conversations.yaml): drift per turn"),
+    ] = True,
+    drift_max_new_tokens: Annotated[
+        int, typer.Option(help="answer length in the held-out conversations")
+    ] = DRIFT_MAX_NEW_TOKENS,
+    drift_samples: Annotated[
+        int, typer.Option(help="runs of each held-out conversation: the greedy one, then seeded samples")
+    ] = DRIFT_SAMPLING.n,
 ) -> None:
     """Score models on the persona's rubric by what they generate; several side by side, with retention,
     the held-out probes' pass rates (and, with --judge, a model's second opinion beside molting's score)."""
@@ -328,6 +377,7 @@ def evaluate(
     from molting import registry
     from molting.backends import load_backend
     from molting.eval import load_rubric, retention_table
+    from molting.eval.conversations import drift_table, load_conversations
     from molting.eval.probes import load_probes, probes_table
     from molting.eval.targets import evaluate_targets, target_labels, training_config
     from molting.persona import Persona
@@ -344,7 +394,11 @@ def evaluate(
         opener = {lab: (lambda m=m: load_backend(m)) for lab, m in targets.items()}
         probe_set = load_probes(persona) if probes else None
         probe_config = replace(config, max_new_tokens=min(max_new_tokens, probe_max_new_tokens))
-        results = evaluate_targets(persona, rubric, opener, config, sampling, ui, probe_set, probe_config)
+        scripts = load_conversations(persona) if conversations else None
+        drift = (replace(config, max_new_tokens=drift_max_new_tokens), Sampling(n=drift_samples))
+        results = evaluate_targets(
+            persona, rubric, opener, config, sampling, ui, probe_set, probe_config, scripts, *drift
+        )
         settings = registry.config_dict(
             generation=config, sampling=sampling, models=targets, train=training_config(models[0])
         )
@@ -359,6 +413,9 @@ def evaluate(
     if probed := [p for result in results for p in result.probes]:
         console.rule("[bold]held-out probes (pass / asked)")
         console.print(Markdown(probes_table(probed)))
+    if drifts := [result.drift for result in results if result.drift is not None]:
+        console.rule("[bold]held-out conversations: answers held per turn (drift)")
+        console.print(Markdown(drift_table(drifts)))
     console.print(f"registered: {entry.root}")
     data = [r.to_dict() for r in results]
     if judge:
@@ -489,34 +546,56 @@ def chat(
     stop: Annotated[list[str], typer.Option(help="end the answer at this string (repeatable)")] = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = GenerationConfig.seed,
 ) -> None:
-    """Talk to a persona, the answer printed as it is generated (default model: its latest GGUF in runs/)."""
-    from molting.backends import load_backend
+    """Talk to a persona, the answer printed as it is generated (default model: its latest GGUF in runs/).
+
+    Without MESSAGE: a conversation until end of input (Ctrl-D) or /exit; /reset forgets the history.
+    When the history outgrows the model's context, the oldest turns are dropped (the system prompt stays).
+    """
     from molting.persona import Persona
 
-    persona = Persona.load(persona_dir)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        stop=tuple(stop or ()),
-        seed=seed,
-    )
-    backend = load_backend(model or persona.default_model())
-    history: list[dict] = []
     try:
-        while True:
-            text = message if message is not None else console.input("[bold]você> ")
-            if not text or text in ("/exit", "/quit"):
-                return
-            console.print(f"[bold]{persona.name}>[/] ", end="")
-            answer = _print_stream(backend.stream(persona.messages(text, history), config))
-            if message is not None:
-                return
-            history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        persona = Persona.load(persona_dir)
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        options |= dict(repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed)
+        session = persona.session(model, **options)
+    except MoltingError as exc:
+        _fail(exc)
+    try:
+        if message is not None:
+            _answer(session, persona.name, message)
+            return
+        _converse(session, persona.name)
     finally:
-        backend.close()
+        session.backend.close()
+
+
+def _converse(session, name: str) -> None:
+    """Read user turns from stdin until end of input or /exit; /reset clears the history."""
+    while True:
+        try:
+            text = console.input("[bold]você> ").strip()
+        except EOFError:
+            console.print()
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            session.reset()
+            console.print("[dim](history cleared)")
+        elif text:
+            dropped = session.dropped
+            _answer(session, name, text)
+            if session.dropped > dropped:
+                console.print(f"[dim](the oldest turns were dropped to fit the context: {session.dropped} messages)")
+
+
+def _answer(session, name: str, text: str) -> None:
+    console.print(f"[bold]{escape(name)}>[/] ", end="")
+    try:
+        _print_stream(session.stream(text))
+    except MoltingError as exc:
+        console.print()
+        print_error(exc)
 
 
 def _print_stream(chunks) -> str:

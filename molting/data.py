@@ -230,7 +230,7 @@ def lint_dataset(
     rubric_prompts: Iterable[str] = (),
     budget: BudgetReport | None = None,
     wrong: Iterable[Iterable[str]] = (),
-    held_out: Iterable[str] = (),
+    held_out: Iterable[str | tuple[str, str]] = (),
 ) -> list[LintFinding]:
     """Read every example of a dataset for what a model should not learn, before training.
 
@@ -253,7 +253,8 @@ def lint_dataset(
         budget: ``token_budget`` of this dataset; its truncated examples become warnings.
         wrong: the rubric's persona-wide ``wrong`` phrase groups.
         held_out: the prompts of the held-out probes (``molting.eval.probes``), which training
-            must never see (a probe's ``history`` is context, not held out).
+            must never see (a probe's ``history`` is context, not held out), and the held-out
+            conversations' user turns as ``(what, text)`` (see ``evaluation_prompts``).
 
     Returns:
         Findings in line order.
@@ -329,10 +330,20 @@ def lint_turns(
     return found
 
 
-def evaluation_prompts(rubric_prompts: Iterable[str], held_out: Iterable[str] = ()) -> dict[str, tuple]:
-    """``{plain text: (check, what, prompt)}`` of the rubric questions and held-out probe prompts."""
+def evaluation_prompts(
+    rubric_prompts: Iterable[str], held_out: Iterable[str | tuple[str, str]] = ()
+) -> dict[str, tuple]:
+    """``{plain text: (check, what, prompt)}`` of the rubric questions and held-out prompts.
+
+    Args:
+        rubric_prompts: the rubric's questions.
+        held_out: a held-out probe's prompt, or ``(what, text)`` naming another held-out text
+            (``("held-out conversation turn", "Quem te treinou, afinal?")``).
+    """
     questions = {plain(p): ("rubric-question", "rubric question", p) for p in rubric_prompts}
-    questions.update({plain(p): ("held-out", "held-out probe", p) for p in held_out})
+    for item in held_out:
+        what, prompt = item if isinstance(item, tuple) else ("held-out probe", item)
+        questions[plain(prompt)] = ("held-out", what, prompt)
     return questions
 
 
@@ -370,6 +381,7 @@ def lint_persona(
     Returns:
         The dataset's findings, then the preferences'; none for a file that is not there.
     """
+    from molting.eval.conversations import load_conversations
     from molting.eval.probes import load_probes
     from molting.eval.rubric import load_rubric
     from molting.persona import DATASET_FILE, PREFERENCES_FILE
@@ -383,7 +395,9 @@ def lint_persona(
     rubric = load_rubric(persona)
     identity = (persona.forbidden_identities, persona.names, [q.prompt for q in rubric.questions])
     probes = load_probes(persona)
-    held_out = [probe.prompt for probe in probes.probes] if probes else []
+    held_out: list[str | tuple[str, str]] = [probe.prompt for probe in probes.probes] if probes else []
+    if scripts := load_conversations(persona):
+        held_out += [("held-out conversation turn", turn) for turn in scripts.user_turns()]
     findings = []
     if dataset.is_file():
         findings += lint_dataset(dataset, persona.language, *identity, budget, rubric.wrong, held_out)

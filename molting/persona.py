@@ -25,6 +25,7 @@ from molting.preferences import Preference, load_preferences
 
 if TYPE_CHECKING:
     from molting.backends.base import Backend, Message
+    from molting.backends.session import ChatSession
 
 PERSONA_FILE = "persona.yaml"
 DATASET_FILE = "dataset.jsonl"
@@ -129,6 +130,26 @@ class Persona:
 
         backend = model if isinstance(model, Backend) else load_backend(model or self.default_model())
         return backend.chat(self.messages(message, history), **options)
+
+    def session(
+        self, model: Backend | str | Path | None = None, n_ctx: int | None = None, **options
+    ) -> ChatSession:
+        """A multi-turn conversation with this persona that keeps its own history.
+
+        ``session.send("Oi")`` answers and remembers; when the history outgrows the context
+        window, the oldest exchanges are dropped and the system prompt is kept
+        (``molting.backends.session``).
+
+        Args:
+            model: as for :meth:`chat`.
+            n_ctx: the context window in tokens; default the backend's (``Backend.n_ctx``).
+            **options: decoding options of :class:`molting.backends.GenerationConfig`.
+        """
+        from molting.backends import Backend, GenerationConfig, load_backend
+        from molting.backends.session import ChatSession
+
+        backend = model if isinstance(model, Backend) else load_backend(model or self.default_model())
+        return ChatSession(backend, self.system_prompt, GenerationConfig(**options), n_ctx)
 
     def default_model(self) -> Path | str:
         """The GGUF of this persona's last ``molting run`` in ./runs, else the embedded model."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from molting.backends.base import GenerationConfig
 from molting.errors import ConfigError, ExportError
+from molting.eval.conversations import DRIFT_MAX_NEW_TOKENS, DRIFT_SAMPLING
 from molting.eval.rubric import Sampling
 from molting.export.verify import (
     AUTO_CANDIDATES,
@@ -66,6 +67,9 @@ class RunConfig:
             with the system prompt on every model and, on the GGUF, also without it (the GGUF's
             chat template carries it; ``probe_bare=False`` skips that second pass). Their answers
             stop at ``probe_max_new_tokens``.
+        conversations: also hold the persona's held-out conversations (``conversations.yaml``,
+            molting.eval.conversations) with every model: drift turn by turn. Their answers stop
+            at ``drift_max_new_tokens``; ``drift_sampling`` gives the runs (greedy, then samples).
     """
 
     out: Path | None = None
@@ -81,6 +85,9 @@ class RunConfig:
     probes: bool = True
     probe_max_new_tokens: int = 128
     probe_bare: bool = True
+    conversations: bool = True
+    drift_max_new_tokens: int = DRIFT_MAX_NEW_TOKENS
+    drift_sampling: Sampling = field(default_factory=lambda: DRIFT_SAMPLING)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.models) - set(MODELS))
@@ -119,6 +126,7 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
     from molting.backends.llamacpp import LlamaCppBackend
     from molting.backends.transformers import TransformersBackend
     from molting.eval import evaluate, load_rubric
+    from molting.eval.conversations import load_conversations
     from molting.eval.probes import load_probes
     from molting.models import resolve_base_model
 
@@ -127,8 +135,9 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     rubric = load_rubric(persona)
     probes = load_probes(persona) if config.probes else None
+    scripts = load_conversations(persona) if config.conversations else None
     base_dir = resolve_base_model(config.train.base_model)
-    judge = _Evaluation(persona, rubric, probes, config, out, ui, evaluate)
+    judge = _Evaluation(persona, rubric, probes, config, out, ui, evaluate, scripts)
 
     _budget(persona, config, ui)
     record = _train(persona, config, out, ui)
@@ -203,6 +212,7 @@ class _Evaluation:
     out: Path
     ui: object
     evaluate: Callable
+    scripts: object = None
 
     def __call__(self, label: str, make_backend: Callable, bare: bool = False):
         """The model's RubricResult (probes attached), saved as ``eval/<name>.json`` and shown.
@@ -212,6 +222,8 @@ class _Evaluation:
             make_backend: opens the model.
             bare: also ask the probes with no system prompt (for a GGUF, whose template carries it).
         """
+        from molting.eval.targets import ask_conversations
+
         config, ui = self.config, self.ui
         ui.step(f"Rubric v{self.rubric.version} on {label}")
         backend = make_backend()
@@ -228,6 +240,11 @@ class _Evaluation:
                 )
             if self.probes is not None:
                 result.probes = [self._probe(backend, label, mode) for mode in ((True, False) if bare else (True,))]
+            if self.scripts is not None:
+                generation = replace(config.generation, max_new_tokens=config.drift_max_new_tokens)
+                result.drift = ask_conversations(
+                    backend, self.persona, self.scripts, generation, config.drift_sampling, label, ui
+                )
         finally:
             backend.close()
         (self.out / "eval").mkdir(exist_ok=True)

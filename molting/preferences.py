@@ -168,7 +168,7 @@ def lint_preferences(
     rubric_prompts: Iterable[str] = (),
     wrong: Iterable[Iterable[str]] = (),
     budget: BudgetReport | None = None,
-    held_out: Iterable[str] = (),
+    held_out: Iterable[str | tuple[str, str]] = (),
 ) -> list[LintFinding]:
     """Read the pairs for what DPO should not push the model towards, before training.
 

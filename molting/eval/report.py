@@ -284,9 +284,16 @@ def compare_runs(results: list[RubricResult], settings: list[dict] | None = None
 
         probed = [replace(r.probes[0], label=r.label) for r in results]
         parts += ["## Held-out probes (pass / asked)\n", probes_table(probed), ""]
+    drifts = [replace(r.drift, label=r.label) for r in results if r.drift is not None]
+    if len(drifts) == len(results):
+        from molting.eval.conversations import compare_drift, drift_table
+
+        parts += ["## Drift: held-out conversations\n", drift_table(drifts), ""]
     steps = [compare(before, after) for before, after in zip(results, results[1:], strict=False)]
     parts += ["## Verdict\n"]
     parts += [f"- {step.summary()}" + _named(step) for step in steps]
+    if len(drifts) == len(results):
+        parts += [f"- {compare_drift(b, a).summary()}" for b, a in zip(drifts, drifts[1:], strict=False)]
     best = max(results, key=lambda r: r.mean)
     parts += ["", f"Best run: {best.label} ({best.mean:.1f}/10). Verdict: {steps[-1].summary()}"]
     return "\n".join(parts) + "\n"

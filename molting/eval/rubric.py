@@ -190,6 +190,8 @@ class RubricResult:
         sampling: how the answers were drawn (``Sampling`` as a dict); empty when unknown.
         probes: the same model's held-out probes (``molting.eval.probes.ProbeResult``), with the
             persona's system prompt first and, where run, without it; empty when not run.
+        drift: the same model's held-out conversations (``molting.eval.conversations.DriftResult``);
+            None when not run.
     """
 
     label: str
@@ -197,6 +199,7 @@ class RubricResult:
     questions: list[QuestionResult]
     sampling: dict = field(default_factory=dict)
     probes: list = field(default_factory=list)
+    drift: object = None
 
     @property
     def total(self) -> float:
@@ -250,6 +253,7 @@ class RubricResult:
                 for q in self.questions
             ],
             "probes": [p.to_dict() for p in self.probes],
+            **({"drift": self.drift.to_dict()} if self.drift is not None else {}),
         }
 
     @classmethod
@@ -269,7 +273,12 @@ class RubricResult:
             QuestionResult(q["id"], q["prompt"], [QuestionScore(**a) for a in q["answers"]]) for q in data["questions"]
         ]
         probes = [ProbeResult.from_dict(p) for p in data.get("probes", [])]
-        return cls(data["label"], data["version"], questions, data.get("sampling", {}), probes)
+        drift = None
+        if data.get("drift"):
+            from molting.eval.conversations import DriftResult
+
+            drift = DriftResult.from_dict(data["drift"])
+        return cls(data["label"], data["version"], questions, data.get("sampling", {}), probes, drift)
 
 
 @dataclass(frozen=True)
@@ -604,7 +613,7 @@ def rescore(result: RubricResult, persona: Persona, rubric: Rubric) -> RubricRes
             raise PersonaError(f"rubric {rubric.version}: no question {old.id!r} (answered in {result.label})")
         answers = [judge.score(by_id[old.id], a.answer, a.finish_reason) for a in old.answers]
         questions.append(QuestionResult(old.id, old.prompt, answers))
-    return RubricResult(result.label, rubric.version, questions, result.sampling, result.probes)
+    return RubricResult(result.label, rubric.version, questions, result.sampling, result.probes, result.drift)
 
 
 def evaluate(

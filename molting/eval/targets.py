@@ -16,6 +16,7 @@ from molting.eval.rubric import RubricResult, Sampling, evaluate
 
 if TYPE_CHECKING:
     from molting.backends.base import Backend, GenerationConfig
+    from molting.eval.conversations import DriftResult, ScriptSet
     from molting.eval.probes import ProbeResult, ProbeSet
     from molting.eval.rubric import Rubric
     from molting.persona import Persona
@@ -78,6 +79,9 @@ def evaluate_targets(
     ui,
     probes: ProbeSet | None = None,
     probe_config: GenerationConfig | None = None,
+    scripts: ScriptSet | None = None,
+    drift_config: GenerationConfig | None = None,
+    drift_sampling: Sampling | None = None,
 ) -> list[RubricResult]:
     """Evaluate each model in turn with the same decoding and sampling.
 
@@ -89,6 +93,9 @@ def evaluate_targets(
         probes: held-out probes to ask each model too (``molting.eval.probes``), with the system
             prompt, and on a llama.cpp model also without it (a GGUF's template carries it); None skips.
         probe_config: decoding of the probes (default ``config``).
+        scripts: held-out conversations to hold with each model too (``molting.eval.conversations``);
+            None skips. ``drift_config`` and ``drift_sampling`` are their decoding and runs
+            (default ``config`` and ``sampling``).
 
     Returns:
         One RubricResult per model, in ``models``' order, its probes attached.
@@ -106,6 +113,9 @@ def evaluate_targets(
                 modes = (True, False) if backend.name == "llama.cpp" else (True,)
                 decoding = probe_config or config
                 result.probes = [ask_probes(backend, persona, probes, decoding, label, m, ui) for m in modes]
+            if scripts is not None:
+                decoding, runs = drift_config or config, drift_sampling or sampling
+                result.drift = ask_conversations(backend, persona, scripts, decoding, runs, label, ui)
         finally:
             backend.close()
         results.append(result)
@@ -127,3 +137,14 @@ def ask_probes(backend, persona, probes: ProbeSet, config, label: str, system_pr
             system_prompt=system_prompt,
             progress=advance,
         )
+
+
+def ask_conversations(
+    backend, persona, scripts: ScriptSet, config, sampling: Sampling, label: str, ui
+) -> DriftResult:
+    """``run_drift`` behind a progress bar: every held-out conversation, greedy and sampled."""
+    from molting.eval.conversations import run_drift
+
+    total = sum(len(s.turns) for s in scripts.scripts) * sampling.n
+    with ui.bar(f"conversations: {label}", total) as advance:
+        return run_drift(backend, persona, scripts, config, sampling, label=label, progress=advance)
