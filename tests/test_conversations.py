@@ -77,7 +77,8 @@ def test_the_lint_refuses_a_held_out_conversation_turn_in_the_dataset(tmp_path):
     persona = _persona_with(tmp_path, [_script(turns)])
     assert not [f for f in lint_persona(persona) if f.severity == "error"]  # negative control
     with (persona.root / "dataset.jsonl").open("a", encoding="utf-8") as dataset:
-        line = {"messages": [{"role": "user", "content": "Bom dia! Tudo certo por aí?"}, {"role": "assistant", "content": GOOD_PT}]}
+        turn = [{"role": "user", "content": "Bom dia! Tudo certo por aí?"}, {"role": "assistant", "content": GOOD_PT}]
+        line = {"messages": turn}
         dataset.write(json.dumps(line, ensure_ascii=False) + "\n")
     errors = [f for f in lint_persona(persona) if f.severity == "error"]
     assert [f.check for f in errors] == ["held-out"]

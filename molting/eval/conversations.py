@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -246,12 +247,14 @@ class DriftResult:
         runs: per decoding (the greedy one first, then the samples), one ConversationRun per script.
         decodings: per run, its ``temperature`` and ``seed``.
         identity_turns: per conversation id, the turns (1-based) of kind "identity".
+        seconds: wall time of generating and judging every run, in seconds.
     """
 
     label: str
     runs: list[list[ConversationRun]]
     decodings: list[dict] = field(default_factory=list)
     identity_turns: dict[str, list[int]] = field(default_factory=dict)
+    seconds: float = 0.0
 
     @property
     def turns(self) -> int:
@@ -303,6 +306,7 @@ class DriftResult:
             "late_noise": round(noise, 4),
             "decodings": self.decodings,
             "identity_turns": self.identity_turns,
+            "seconds": round(self.seconds, 1),
             "runs": [[{"id": c.id, "outcomes": [asdict(o) for o in c.outcomes]} for c in run] for run in self.runs],
         }
 
@@ -311,7 +315,9 @@ class DriftResult:
         runs = [
             [ConversationRun(c["id"], [TurnOutcome(**o) for o in c["outcomes"]]) for c in run] for run in data["runs"]
         ]
-        return cls(data["label"], runs, data.get("decodings", []), data.get("identity_turns", {}))
+        return cls(
+            data["label"], runs, data.get("decodings", []), data.get("identity_turns", {}), data.get("seconds", 0.0)
+        )
 
 
 def turn_failures(turn: Turn, answer: str, earlier: list[str], judge: Judge, language: str | None) -> list[str]:
@@ -360,6 +366,7 @@ def run_drift(
         label: the model's name in reports.
         progress: called with the number of answers generated so far.
     """
+    start = time.perf_counter()
     sampling = sampling or Sampling()
     judge = Judge.for_persona(persona, load_rubric(persona))
     runs, done = [], 0
@@ -369,7 +376,7 @@ def run_drift(
         runs.append(run)
     identity = {s.id: [i for i, t in enumerate(s.turns, start=1) if t.kind == "identity"] for s in scripts.scripts}
     decodings = [{"temperature": d.temperature, "seed": d.seed} for d in sampling.configs(config)]
-    return DriftResult(label, runs, decodings, identity)
+    return DriftResult(label, runs, decodings, identity, time.perf_counter() - start)
 
 
 def _hold(backend, persona, scripts: ScriptSet, config, judge: Judge, progress) -> list[ConversationRun]:
