@@ -241,7 +241,7 @@ def _check_data(persona: Persona, config: TrainConfig) -> None:
     if config.method == "dpo" and not persona.preferences:
         raise ConfigError(
             f"method 'dpo' needs preference pairs: {root / PREFERENCES_FILE} not found "
-            "(see the README's 'Preference training'); or train with method 'sft'"
+            "(see docs/training.md, 'Preference training'); or train with method 'sft'"
         )
 
 

@@ -41,7 +41,7 @@ Content carries the score: an answer in the right language with no fact at all g
 and one false statement ("o João é meu filho", the negative example the log saw
 learned backwards) costs as much as half the facts. The form scaling and the weights of
 the rows from "invented words" down were set against ``examples/claudio/labelled.jsonl``
-(51 answers labelled by hand, see README): Spearman 0.87 and a mean gap of +0.59 points
+(51 answers labelled by hand, see docs/rubric.md): Spearman 0.87 and a mean gap of +0.59 points
 there, held by ``tests/test_calibration.py``.
 
 The research log judged runs by these questions, by hand; molting judges by rules so
