@@ -630,6 +630,9 @@ def run_all(
     no_verify: NoVerify = False,
     samples: Samples = Sampling.n,
     runs: Runs = Path("runs"),
+    conversations: Annotated[
+        bool, typer.Option(help="hold the persona's held-out conversations (conversations.yaml) with every model")
+    ] = True,
 ) -> None:
     """Validate → budget → lint → train → rubric (base, fine-tuned) → GGUF → rubric (llama.cpp) → report."""
     from molting.export.verify import VerifyConfig
@@ -646,6 +649,7 @@ def run_all(
             generation=GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty),
             sampling=Sampling(n=samples),
             registry=runs,
+            conversations=conversations,
         )
         result = run(persona, config, RichUI())
     except MoltingError as exc:
