@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 from dataclasses import replace
@@ -11,33 +12,56 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
 from molting.backends.base import GenerationConfig
-from molting.errors import ConfigError, MoltingError
+from molting.errors import ConfigError, Interrupted, MoltingError
 from molting.eval.conversations import DRIFT_MAX_NEW_TOKENS, DRIFT_SAMPLING
 from molting.eval.rubric import Sampling
 
 # The libraries' own tqdm bars would interleave with molting's rich ones.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# bitsandbytes (through the `kernels` package) logs warnings on import about an optional CPU
+# kernel it cannot fetch; they are not molting's lines and would break the one-line errors.
+for _noisy in ("bitsandbytes.backends.cpu.ops", "kernels"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
-def print_error(exc: MoltingError) -> None:
+SHOWN = 300  # characters of one user or model text printed in a line, a title or a table cell
+
+
+def plain(text: object, style: str = "", limit: int = SHOWN) -> Text:
+    """``text`` as rich Text: never read as markup (``[/INST]`` is printed as it is), never
+    highlighted, and cut to ``limit`` characters (a 1 MB name is not laid out). Every user or
+    model text the CLI prints goes through here."""
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + f"… ({len(text) - limit} more characters)"
+    return Text(text, style=style)
+
+
+def print_error(exc: BaseException) -> None:
     """Show ``exc`` as one line on stderr: ``error: <message>``, the message's lines joined by "; "."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    err_console.print(Text.assemble(("error: ", "bold red"), "; ".join(lines) or type(exc).__name__))
+    message = "; ".join(lines) or type(exc).__name__
+    err_console.print(Text.assemble(("error: ", "bold red"), plain(message, limit=4 * SHOWN)))
+
+
+def os_error(exc: OSError) -> str:
+    """``PATH: problem`` for an OSError from the file system (``exc.filename`` and ``exc.strerror``)."""
+    return f"{exc.filename}: {exc.strerror or type(exc).__name__}"
 
 
 class Commands(TyperGroup):
-    """molting's commands: a MoltingError raised by any of them is one line and exit code 2, no traceback."""
+    """molting's commands: a MoltingError, or an OSError naming a file, is one line and exit code 2,
+    no traceback; Ctrl-C is one line (what was kept, when something was) and exit code 130."""
 
     def invoke(self, ctx):
         try:
@@ -45,6 +69,17 @@ class Commands(TyperGroup):
         except MoltingError as exc:
             print_error(exc)
             raise typer.Exit(code=2) from None
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            print_error(OSError(os_error(exc)))
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C; an Interrupted says what was kept
+            kept = str(exc) if isinstance(exc, Interrupted) else ""
+            err_console.print(
+                Text.assemble(("interrupted", "bold yellow"), plain(f": {kept}" if kept else "", limit=4 * SHOWN))
+            )
+            raise typer.Exit(code=130) from None
 
 
 app = typer.Typer(
@@ -103,19 +138,19 @@ class RichUI:
     """Progress for the library's long steps, drawn with rich."""
 
     def step(self, title: str) -> None:
-        console.rule(f"[bold]{title}")
+        console.rule(plain(title, "bold"))
 
     @contextlib.contextmanager
     def bar(self, title: str, total: int | None):
         columns = [
             SpinnerColumn(),
-            TextColumn(title),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             TextColumn("{task.completed}/{task.total}"),
             TimeElapsedColumn(),
         ]
         with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task(title, total=total)
+            task = progress.add_task(str(plain(title)), total=total)
 
             def advance(done: int, total: int | None = None) -> None:
                 progress.update(task, completed=done, **({"total": total} if total else {}))
@@ -125,34 +160,39 @@ class RichUI:
     def table(self, result) -> None:
         from molting.eval.report import score_cell
 
-        table = Table(title=f"{result.label}: {result.total:g}/{result.max_total:g} ({result.mean:.1f}/10)")
+        table = Table(title=plain(f"{result.label}: {result.total:g}/{result.max_total:g} ({result.mean:.1f}/10)"))
         for column in ("question", "score", "reasons (first answer)"):
             table.add_column(column)
         for question in result.questions:
-            table.add_row(question.prompt, score_cell(question), "; ".join(question.greedy.reasons) or "ok")
+            reasons = "; ".join(question.greedy.reasons) or "ok"
+            table.add_row(plain(question.prompt), plain(score_cell(question)), plain(reasons))
         console.print(table)
 
     def verify(self, report) -> None:
         title = f"export check: {report.positions} positions of the persona's text vs {report.reference}"
-        table = Table(title=title)
+        table = Table(title=plain(title))
         for column in ("GGUF", "MiB", "same top-1", "mean KL (nats)", "max KL", "stop & leak"):
             table.add_column(column, justify="left" if column in ("GGUF", "stop & leak") else "right")
         for row in report.rows():
-            table.add_row(*row)
+            table.add_row(*(plain(cell) for cell in row))
         console.print(table)
         for check in report.files:
             if check.stop is not None and not check.stop.ok:
                 console.print(
-                    f"[yellow]{check.quant}: {check.stop.replies - check.stop.stopped} of {check.stop.replies} "
-                    f"replies did not stop by themselves; leaked: {check.stop.leaks or 'nothing'}"
+                    plain(
+                        f"{check.quant}: {check.stop.replies - check.stop.stopped} of {check.stop.replies} "
+                        f"replies did not stop by themselves; leaked: {check.stop.leaks or 'nothing'}",
+                        "yellow",
+                    )
                 )
+
     def lint(self, findings) -> None:
         """Dataset lint findings, errors in red; a line saying so when there are none."""
         if not findings:
             console.print("[green]dataset lint: no findings")
         for finding in findings:
             colour = "red" if finding.severity == "error" else "yellow"
-            console.print(f"[{colour}]{escape(str(finding))}", highlight=False)
+            console.print(plain(finding, colour, limit=4 * SHOWN))
 
     def budget(self, report) -> None:
         s = report.summary()
@@ -227,10 +267,10 @@ def validate(
     except MoltingError as exc:
         _fail(exc)
     pairs = f", {len(persona.preferences)} preference pairs" if persona.preferences else ""
-    console.print(f"{persona.name}: {len(persona.examples)} examples{pairs}, language {persona.language}")
+    console.print(plain(f"{persona.name}: {len(persona.examples)} examples{pairs}, language {persona.language}"))
     budgets = {}
     for label, prompt in (("training", persona.train_system_prompt), ("inference", persona.system_prompt)):
-        console.print(f"[bold]{label} system prompt")
+        console.print(plain(f"{label} system prompt", "bold"))
         budgets[label] = token_budget(tokenizer, persona.examples, prompt, max_length)
         RichUI().budget(budgets[label])
     pair_budget = None
@@ -297,6 +337,7 @@ def train(
     (--finetuning); --method dpo: then DPO on its preferences."""
     from molting import registry
     from molting.data import lint_persona, raise_on_lint_errors
+    from molting.io import check_writable_dir
     from molting.persona import Persona
     from molting.train import resolve_config, training_budget, training_pair_budget
     from molting.train import train as run_training
@@ -309,6 +350,8 @@ def train(
             config = replace(config, sft_adapter=str(sft_adapter))
         config = resolve_config(config)
         out = out or Path("runs") / persona.slug
+        check_writable_dir(out, "--out")
+        check_writable_dir(runs, "--runs")
         budget = training_budget(persona, config)
         findings = lint_persona(persona, budget, training_pair_budget(persona, config))
         ui.lint(findings)
@@ -331,8 +374,11 @@ def train(
             f"rewards/accuracies {last.get('rewards/accuracies', float('nan')):.2f}"
         )
     console.print(
-        f"{weights.name}: {weights}  ({record.train_seconds:.0f} s, "
-        f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind})\nregistered: {entry.root}"
+        plain(
+            f"{weights.name}: {weights}  ({record.train_seconds:.0f} s, "
+            f"{record.peak_memory_mb:.0f} MiB peak {record.peak_memory_kind})\nregistered: {entry.root}",
+            limit=4 * SHOWN,
+        )
     )
 
 
@@ -380,10 +426,14 @@ def evaluate(
     from molting.eval.conversations import drift_table, load_conversations
     from molting.eval.probes import load_probes, probes_table
     from molting.eval.targets import evaluate_targets, target_labels, training_config
+    from molting.io import atomic_path, check_output_file, check_writable_dir
     from molting.persona import Persona
 
     ui = RichUI()
     try:
+        check_writable_dir(runs, "--runs")
+        if out:
+            check_output_file(out, force=True)
         persona = Persona.load(persona_dir)
         rubric = load_rubric(persona)
         models = model or [str(persona.default_model())]
@@ -408,7 +458,7 @@ def evaluate(
     for result in results:
         ui.table(result)
     if len(results) > 1:
-        console.rule(f"[bold]retention against {results[0].label}")
+        console.rule(plain(f"retention against {results[0].label}", "bold"))
         console.print(Markdown(retention_table(results)))
     if probed := [p for result in results for p in result.probes]:
         console.rule("[bold]held-out probes (pass / asked)")
@@ -416,13 +466,14 @@ def evaluate(
     if drifts := [result.drift for result in results if result.drift is not None]:
         console.rule("[bold]held-out conversations: answers held per turn (drift)")
         console.print(Markdown(drift_table(drifts)))
-    console.print(f"registered: {entry.root}")
+    console.print(plain(f"registered: {entry.root}"))
     data = [r.to_dict() for r in results]
     if judge:
         for result, saved in zip(results, data, strict=True):
             saved["judge"] = _second_opinion(judge, persona, rubric, result)
     if out:
-        out.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 @app.command(name="compare")
@@ -472,12 +523,12 @@ def _second_opinion(judge: str, persona, rubric, result) -> dict:
         opinions = model_opinions(backend, persona, rubric, result)
     except MoltingError as exc:
         _fail(exc)
-    table = Table(title=f"{result.label}: molting's score beside {judge}'s (a second opinion, not the score)")
+    table = Table(title=plain(f"{result.label}: molting's score beside {judge}'s (a second opinion, not the score)"))
     for column in ("question", "molting", "judge", "judge's reply"):
         table.add_column(column)
     for scored, opinion in zip((q.greedy for q in result.questions), opinions, strict=True):
         shown = "unreadable" if opinion.score is None else f"{opinion.score:g}"
-        table.add_row(scored.prompt, f"{scored.score:g}", shown, opinion.reply.strip()[:120])
+        table.add_row(plain(scored.prompt), f"{scored.score:g}", shown, plain(opinion.reply.strip(), limit=120))
     console.print(table)
     return {"model": judge, "opinions": [asdict(o) for o in opinions]}
 
@@ -499,6 +550,7 @@ def export(
             help="write only the LoRA adapter, as llama.cpp's adapter GGUF for the base's F16 GGUF (--lora)",
         ),
     ] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing GGUF at --out")] = False,
 ) -> None:
     """Merge an adapter into its base (or take a fully fine-tuned model as it is), write a GGUF with
     the persona's prompt inside, and check it."""
@@ -506,12 +558,14 @@ def export(
 
     from molting.export import merge_adapter
     from molting.export.verify import VerifyConfig
+    from molting.io import check_output_file
     from molting.models import resolve_base_model
     from molting.persona import Persona
     from molting.pipeline import export_adapter_gguf, export_gguf
 
     ui = RichUI()
     try:
+        check_output_file(out, [adapter, *_base_inputs(base)], force=force, magic=b"GGUF")
         persona = Persona.load(persona_dir)
         verify = None if no_verify else VerifyConfig()
         full = not (adapter / "adapter_config.json").is_file() and (adapter / "config.json").is_file()
@@ -519,7 +573,7 @@ def export(
             raise ConfigError(f"{adapter}: a fully fine-tuned model has no LoRA adapter (train with --finetuning lora)")
         if adapter_only:
             export_adapter_gguf(persona, resolve_base_model(base), adapter, out, ui, verify=verify)
-            console.print(f"wrote {out}: apply it to the base's GGUF with `llama-cli -m BASE.gguf --lora {out}`")
+            console.print(plain(f"wrote {out}: apply it to the base's GGUF with `llama-cli -m BASE.gguf --lora {out}`"))
             return
         if full:
             result = export_gguf(persona, adapter, out, quant, ui, verify=verify)
@@ -530,7 +584,14 @@ def export(
                 result = export_gguf(persona, merged, out, quant, ui, verify=verify)
     except MoltingError as exc:
         _fail(exc)
-    console.print(f"wrote {result.path} ({result.quant})")
+    console.print(plain(f"wrote {result.path} ({result.quant})"))
+
+
+def _base_inputs(base: str) -> list[Path]:
+    """The files a ``--base`` reads: its directory, or an embedded model's GGUF."""
+    from molting.models import EMBEDDED, embedded_gguf
+
+    return [embedded_gguf(base)] if base in EMBEDDED else [Path(base)]
 
 
 @app.command()
@@ -590,7 +651,7 @@ def _converse(session, name: str) -> None:
 
 
 def _answer(session, name: str, text: str) -> None:
-    console.print(f"[bold]{escape(name)}>[/] ", end="")
+    console.print(plain(f"{name}> ", "bold"), end="")
     try:
         _print_stream(session.stream(text))
     except MoltingError as exc:
@@ -655,8 +716,9 @@ def run_all(
     except MoltingError as exc:
         _fail(exc)
     console.rule("[bold green]done")
-    console.print(f"report:  {result.report}\nadapter: {result.adapter}\nGGUF:    {result.gguf}")
-    console.print(f"registered: {result.entry}")
+    paths = f"report:  {result.report}\nadapter: {result.adapter}\nGGUF:    {result.gguf}"
+    console.print(plain(paths, limit=4 * SHOWN))
+    console.print(plain(f"registered: {result.entry}"))
 
 
 @app.command()
@@ -700,7 +762,7 @@ def bench(
     optional = dict(models=model, engines=engine, quants=quant, cache=cache)
     config = BenchConfig(**options, **{k: tuple(v) if isinstance(v, list) else v for k, v in optional.items() if v})
     try:
-        result = run_bench(config, progress=lambda line: console.print(f"[dim]{line}"))
+        result = run_bench(config, progress=lambda line: console.print(plain(line, "dim")))
     except MoltingError as exc:
         _fail(exc)
     except subprocess.CalledProcessError as exc:
@@ -709,8 +771,8 @@ def bench(
         raise typer.Exit(code=1) from None
     console.print(report.table(result), soft_wrap=True, markup=False)
     for line in result.skipped:
-        console.print(f"[yellow]not measured:[/] {line}")
-    console.print("wrote " + ", ".join(str(p) for p in report.write(result, out)))
+        console.print(Text.assemble(("not measured: ", "yellow"), plain(line)))
+    console.print(plain("wrote " + ", ".join(str(p) for p in report.write(result, out)), limit=4 * SHOWN))
 
 
 @app.command()
@@ -736,7 +798,7 @@ def fit(
         _fail(exc)
     console.print(_fit_table(result))
     for line in planner.describe(result):
-        console.print(line)
+        console.print(plain(line, limit=4 * SHOWN))
     if layers and result.best is not None:
         best = result.best
         rows = planner.layer_table(shape, best.quant, best.kv_type, ctx, result.reserve, repack)
@@ -748,7 +810,7 @@ def _fit_table(result) -> Table:
 
     s = result.shape
     title = f"{s.name}: {s.n_layer} layers, n_ctx {result.n_ctx}, VRAM {result.vram / MIB:.0f} MiB (figures in MiB)"
-    table = Table(title=title)
+    table = Table(title=plain(title))
     for column in ("quant", "KV", "weights", "KV cache", "compute", "VRAM all layers", "n_gpu_layers", "VRAM", "RAM"):
         table.add_column(column, justify="left" if column in ("quant", "KV") else "right")
     for o in result.options:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from molting.errors import DatasetError
 from molting.eval import checks
+from molting.text import surrogate_problem
 
 if TYPE_CHECKING:
     from molting.persona import Persona
@@ -52,7 +53,8 @@ def load_dataset(path: str | Path) -> list[Conversation]:
     Raises:
         DatasetError: naming the file, the 1-based line and the field, for: bytes that
             are not UTF-8, invalid JSON, a missing or non-list ``messages``, an unknown
-            role, empty content, or a conversation without an assistant turn.
+            role, empty content, a lone surrogate, turns out of order (an assistant turn first,
+            two user turns in a row), or a conversation without an assistant turn.
     """
     return [conversation for _, conversation in numbered_examples(path)]
 
@@ -103,6 +105,7 @@ def parse_line(line: str, path: Path, number: int) -> Conversation:
     messages = record["messages"]
     for i, message in enumerate(messages):
         check_message(message, f"messages[{i}]", path, number, first=i == 0)
+    check_turn_order(messages, "messages", path, number)
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(path, number, "no assistant turn to learn from", field="messages")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -133,6 +136,30 @@ def check_message(
     content = message.get("content")
     if not isinstance(content, str) or not content.strip():
         raise DatasetError(path, number, "empty or missing content", field=f"{where}.content")
+    if problem := surrogate_problem(content):
+        raise DatasetError(path, number, problem, field=f"{where}.content")
+
+
+def check_turn_order(messages: list[dict], name: str, path: Path, number: int) -> None:
+    """Check that checked messages alternate user, assistant, ... after an optional system turn.
+
+    Raises:
+        DatasetError: an assistant turn before any user turn, or two turns of one role in a
+            row, naming the field (``messages[2].role``).
+    """
+    expected = "user"
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role == "system":
+            continue
+        if role != expected:
+            problem = (
+                "an assistant turn before any user turn"
+                if expected == "user" and i == (messages[0]["role"] == "system")
+                else f"two {role} turns in a row"
+            )
+            raise DatasetError(path, number, f"{problem}: turns alternate user, assistant, ...", f"{name}[{i}].role")
+        expected = "assistant" if role == "user" else "user"
 
 
 def with_system_prompt(conversation: Conversation, system_prompt: str) -> Conversation:

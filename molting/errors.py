@@ -49,3 +49,11 @@ class ModelFileError(MoltingError):
     def __init__(self, path: Path | str, problem: str):
         self.path, self.problem = Path(path), problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after work worth keeping: the message says what was kept and how to go on.
+
+    A KeyboardInterrupt still (``except Exception`` does not catch it); the CLI prints the
+    message and exits with 130.
+    """

@@ -272,15 +272,34 @@ def parameter_count(model_dir: str | Path) -> int:
     return total
 
 
-def check_adapter_dir(path: str | Path) -> None:
-    """Check that a peft adapter directory has its config and weights.
+def read_adapter_config(path: str | Path) -> dict:
+    """The ``adapter_config.json`` of a peft adapter directory, as a dict.
 
     Raises:
-        ModelFileError: no ``adapter_config.json``, or no adapter weights.
+        ModelFileError: the file is missing, unreadable, not UTF-8 JSON, or not an object.
+    """
+    config_path = Path(path) / "adapter_config.json"
+    if not config_path.is_file():
+        raise ModelFileError(path, "no adapter_config.json (make one with `molting train`)")
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ModelFileError(config_path, f"not UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(config_path, f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(config_path, f"expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def check_adapter_dir(path: str | Path) -> None:
+    """Check that a peft adapter directory has its config (valid JSON) and weights.
+
+    Raises:
+        ModelFileError: no ``adapter_config.json`` or an invalid one, or no adapter weights.
     """
     path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise ModelFileError(path, "no adapter_config.json (make one with `molting train`)")
+    read_adapter_config(path)
     found = [path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()]
     if not found:
         raise ModelFileError(path, f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")

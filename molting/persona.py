@@ -17,11 +17,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from molting.data import Conversation, load_dataset
 from molting.errors import PersonaError
 from molting.preferences import Preference, load_preferences
+from molting.text import load_yaml
 
 if TYPE_CHECKING:
     from molting.backends.base import Backend, Message
@@ -32,6 +31,7 @@ DATASET_FILE = "dataset.jsonl"
 PREFERENCES_FILE = "preferences.jsonl"
 RUBRIC_FILE = "rubric.yaml"
 LANGUAGES = ("pt", "en", "es")
+MAX_NAME = 200  # characters of a name, alias or forbidden identity: names, not documents
 
 
 @dataclass
@@ -77,10 +77,7 @@ class Persona:
         spec_path = root / PERSONA_FILE
         if not spec_path.is_file():
             raise PersonaError(f"{spec_path}: not found (a persona directory needs {PERSONA_FILE})")
-        try:
-            spec = yaml.safe_load(spec_path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise PersonaError(f"{spec_path}: invalid YAML: {exc}") from None
+        spec = load_yaml(spec_path) or {}
         persona = cls(**_check_spec(spec, spec_path), root=root)
         dataset = root / DATASET_FILE
         if dataset.exists():
@@ -92,9 +89,9 @@ class Persona:
 
     @property
     def slug(self) -> str:
-        """ASCII, lower-case name for file names ("Cláudio" -> "claudio")."""
+        """ASCII, lower-case name for file names ("Cláudio" -> "claudio"), at most 64 characters."""
         ascii_name = unicodedata.normalize("NFKD", self.name).encode("ascii", "ignore").decode()
-        return re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-") or "persona"
+        return re.sub(r"[^a-z0-9]+", "-", ascii_name.lower())[:64].strip("-") or "persona"
 
     @property
     def names(self) -> list[str]:
@@ -177,4 +174,10 @@ def _check_spec(spec: object, path: Path) -> dict:
         value = spec.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise PersonaError(f"{path}: '{key}' must be a list of non-empty strings")
+    names = [("name", spec["name"])]
+    for key in ("aliases", "forbidden_identities"):
+        names += [(f"{key}[{i}]", v) for i, v in enumerate(spec.get(key, []))]
+    for where, value in names:
+        if len(value) > MAX_NAME:
+            raise PersonaError(f"{path}: '{where}' is {len(value)} characters long; a name has at most {MAX_NAME}")
     return {k: v.strip() if isinstance(v, str) else v for k, v in spec.items()}

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from molting.backends.base import GenerationConfig
-from molting.errors import ConfigError, ExportError
+from molting.errors import ConfigError, ExportError, Interrupted
 from molting.eval.conversations import DRIFT_MAX_NEW_TOKENS, DRIFT_SAMPLING
 from molting.eval.rubric import Sampling
 from molting.export.verify import (
@@ -36,6 +36,7 @@ from molting.export.verify import (
     reference_logprobs,
     stop_and_leak,
 )
+from molting.io import atomic_path
 from molting.persona import Persona
 from molting.train import TrainConfig, resolve_config
 
@@ -132,6 +133,7 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
 
     config = replace(config, train=resolve_config(config.train))  # finetuning "auto" decided once, here
     out = Path(config.out or Path("runs") / persona.slug)
+    _check_outputs(persona, config, out)
     out.mkdir(parents=True, exist_ok=True)
     rubric = load_rubric(persona)
     probes = load_probes(persona) if config.probes else None
@@ -141,23 +143,52 @@ def run(persona: Persona, config: RunConfig, ui) -> RunResult:
 
     _budget(persona, config, ui)
     record = _train(persona, config, out, ui)
-    merged = out / "model" if config.train.finetuning == "full" else _merge(base_dir, out, ui)
-    results = {}
-    for label, backend in (
-        ("base", lambda: TransformersBackend(base_dir)),
-        ("fine-tuned", lambda: TransformersBackend(merged)),
-    ):
-        if label in config.models:
-            results[label] = judge(label, backend)
-    export = _export(persona, merged, out, config, ui)
-    gguf, label = export.path, f"GGUF {export.quant}"
-    if "gguf" in config.models:
-        results[label] = judge(label, lambda: LlamaCppBackend(gguf, n_ctx=config.n_ctx), bare=config.probe_bare)
-    _write_modelfile(persona, gguf, config.generation, out)
-    report = _write_report(persona, config, record, results, export, out)
     weights = out / ("model" if config.train.finetuning == "full" else "adapter")
-    entry = _register(persona, config, record, results, {"adapter": weights, "gguf": gguf, "report": report})
+    try:
+        merged = out / "model" if config.train.finetuning == "full" else _merge(base_dir, out, ui)
+        results = {}
+        for label, backend in (
+            ("base", lambda: TransformersBackend(base_dir)),
+            ("fine-tuned", lambda: TransformersBackend(merged)),
+        ):
+            if label in config.models:
+                results[label] = judge(label, backend)
+        export = _export(persona, merged, out, config, ui)
+        gguf, label = export.path, f"GGUF {export.quant}"
+        if "gguf" in config.models:
+            results[label] = judge(label, lambda: LlamaCppBackend(gguf, n_ctx=config.n_ctx), bare=config.probe_bare)
+        _write_modelfile(persona, gguf, config.generation, out)
+        report = _write_report(persona, config, record, results, export, out)
+        entry = _register(persona, config, record, results, {"adapter": weights, "gguf": gguf, "report": report})
+    except KeyboardInterrupt:
+        raise Interrupted(resume_hint(persona, weights)) from None
     return RunResult(out, weights, gguf, report, results, export.check, entry)
+
+
+def resume_hint(persona: Persona, weights: Path) -> str:
+    """What an interrupted run kept (the trained ``weights``) and the commands that go on from it."""
+    where = persona.root or Path(".")
+    return (
+        f"the trained weights are kept in {weights}; without training again, evaluate them with "
+        f"`molting eval {where} --model {weights}` and export them with "
+        f"`molting export {where} --adapter {weights} --out {weights.parent / (persona.slug + '.gguf')}`"
+    )
+
+
+def _check_outputs(persona: Persona, config: RunConfig, out: Path) -> None:
+    """Before training: the run directory and the registry can be written, and so can the Modelfile.
+
+    Raises:
+        ConfigError: a directory is not writable, or is a file.
+        ExportError: the system prompt cannot be written into an Ollama Modelfile.
+    """
+    from molting.export.ollama import quote
+    from molting.io import check_writable_dir
+
+    check_writable_dir(out, "the run directory")
+    if config.registry is not None:
+        check_writable_dir(config.registry, "the run registry (--runs)")
+    quote(persona.system_prompt, f"{persona.root / 'persona.yaml' if persona.root else 'persona'}: system_prompt")
 
 
 def _budget(persona: Persona, config: RunConfig, ui) -> None:
@@ -190,7 +221,8 @@ def _train(persona, config: RunConfig, out: Path, ui):
         ui.step(f"Training {what} on {len(persona.examples)} examples{then}")
     with ui.bar("training", None) as advance:
         record = train(persona, out, config.train, on_step=lambda step, total, logs: advance(step, total))
-    (out / "budget.json").write_text(json.dumps(record.budget, indent=2))
+    with atomic_path(out / "budget.json") as tmp:
+        tmp.write_text(json.dumps(record.budget, indent=2))
     return record
 
 
@@ -247,9 +279,9 @@ class _Evaluation:
                 )
         finally:
             backend.close()
-        (self.out / "eval").mkdir(exist_ok=True)
         name = label.lower().split()[0].replace("-", "")
-        (self.out / "eval" / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        with atomic_path(self.out / "eval" / f"{name}.json") as tmp:
+            tmp.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
         ui.table(result)
         return result
 
@@ -508,15 +540,15 @@ def llama_cli_command(gguf: Path, generation: GenerationConfig) -> str:
 
 
 def _write_modelfile(persona: Persona, gguf: Path, generation: GenerationConfig, out: Path) -> None:
-    """An Ollama Modelfile next to the GGUF: ``ollama create <name> -f Modelfile``."""
-    system = persona.system_prompt.replace('"""', '\\"\\"\\"')
-    (out / "Modelfile").write_text(
-        f"FROM ./{gguf.name}\n"
-        f'SYSTEM """{system}"""\n'
-        f"PARAMETER temperature {generation.temperature:g}\n"
-        f"PARAMETER repeat_penalty {generation.repetition_penalty:g}\n"
-        f"PARAMETER num_predict {generation.max_new_tokens}\n"
-    )
+    """An Ollama Modelfile next to the GGUF: ``ollama create <name> -f Modelfile`` (molting.export.ollama)."""
+    from molting.export.ollama import write_modelfile
+
+    parameters = {
+        "temperature": generation.temperature,
+        "repeat_penalty": generation.repetition_penalty,
+        "num_predict": generation.max_new_tokens,
+    }
+    write_modelfile(out / "Modelfile", gguf.name, persona.system_prompt, parameters)
 
 
 def _write_report(persona, config: RunConfig, record, results: dict, export: ExportResult, out: Path) -> Path:

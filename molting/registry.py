@@ -15,6 +15,7 @@ id or by path (``molting.eval.report.compare_runs``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -143,10 +144,9 @@ def record(
         raise ConfigError(f"primary result {primary!r} not among {labels}")
     root = Path(root)
     now = datetime.now(timezone.utc)
-    entry_id = _new_id(root, f"{now:%Y%m%d-%H%M%S}-{persona.slug}-{kind}")
     files = [f"{RESULTS_DIR}/{i:02d}-{_slug(label)}.json" for i, label in enumerate(labels, start=1)]
     entry = Entry(
-        id=entry_id,
+        id="",
         kind=kind,
         created=now.isoformat(timespec="seconds"),
         persona=persona.name,
@@ -159,15 +159,21 @@ def record(
         artifacts={k: str(v) for k, v in (artifacts or {}).items()},
         loss=loss or [],
     )
-    with atomic_path(root / entry_id, directory=True) as tmp:
-        (tmp / RESULTS_DIR).mkdir()
-        for result, file in zip(results, files, strict=True):
-            (tmp / file).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
-        if results:
-            from molting.plots import scores_chart
+    entry.id = entry_id = _reserve_id(root, f"{now:%Y%m%d-%H%M%S}-{persona.slug}-{kind}")
+    try:
+        with atomic_path(root / entry_id, directory=True) as tmp:
+            (tmp / RESULTS_DIR).mkdir()
+            for result, file in zip(results, files, strict=True):
+                (tmp / file).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+            if results:
+                from molting.plots import scores_chart
 
-            scores_chart(results, tmp / SCORES_PNG)
-        (tmp / ENTRY_FILE).write_text(json.dumps(entry.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+                scores_chart(results, tmp / SCORES_PNG)
+            (tmp / ENTRY_FILE).write_text(json.dumps(entry.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            (root / entry_id).rmdir()  # the reservation, still empty
+        raise
     entry.root = root / entry_id
     return entry
 
@@ -276,12 +282,31 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _new_id(root: Path, base: str) -> str:
-    candidate, n = base, 1
-    while (root / candidate).exists():
-        n += 1
-        candidate = f"{base}-{n}"
-    return candidate
+def _reserve_id(root: Path, base: str) -> str:
+    """Reserve a free id under ``root``: ``base``, else ``base-2``, ``base-3``, ...
+
+    The id's directory is made with an exclusive ``mkdir``, which only one process can win,
+    so two commands that record at the same second get two ids; ``atomic_path`` then
+    replaces the empty directory with the complete entry.
+
+    Raises:
+        ConfigError: ``root`` cannot be made or written (names it and why).
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{root}: the run registry cannot be made ({exc.strerror})") from None
+    n = 1
+    while True:
+        candidate = base if n == 1 else f"{base}-{n}"
+        try:
+            (root / candidate).mkdir()
+        except FileExistsError:
+            n += 1
+            continue
+        except OSError as exc:
+            raise ConfigError(f"{root}: the run registry is not writable ({exc.strerror})") from None
+        return candidate
 
 
 def _slug(label: str) -> str:

@@ -30,7 +30,7 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from molting.data import BudgetReport, token_budget, with_system_prompt
 from molting.errors import ConfigError, MoltingError
 from molting.io import atomic_path
-from molting.modelfiles import check_adapter_dir, parameter_count
+from molting.modelfiles import check_adapter_dir, parameter_count, read_adapter_config
 from molting.models import SOURCE_FILE, resolve_base_model
 from molting.persona import DATASET_FILE, PREFERENCES_FILE, Persona
 from molting.preferences import preference_budget
@@ -309,7 +309,7 @@ def _continue(model, adapter: Path, model_dir: Path):
     from peft import PeftModel
 
     check_adapter_dir(adapter)
-    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = read_adapter_config(adapter).get("base_model_name_or_path")
     try:
         same = base is not None and resolve_base_model(base).resolve() == model_dir.resolve()
     except MoltingError:

@@ -226,5 +226,5 @@ def test_cli_export_takes_a_fully_fine_tuned_model_as_it_is(tiny_llama_256_dir, 
     assert result.exit_code == 0, result.output
     assert "Merging" not in result.output and out.is_file()
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
-    refused = CliRunner().invoke(app, [*args, "--adapter-only"], terminal_width=200)
+    refused = CliRunner().invoke(app, [*args, "--adapter-only", "--force"], terminal_width=200)
     assert refused.exit_code == 2 and f"{tiny_llama_256_dir}: a fully fine-tuned model" in refused.output

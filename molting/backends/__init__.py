@@ -72,10 +72,28 @@ def _transformers(path: Path | str, **options) -> Backend:
     return TransformersBackend(path, **options)
 
 
-def _adapter_base(adapter: Path) -> str:
-    import json
+def _adapter_base(adapter: Path) -> Path:
+    """The base model directory an adapter names, checked against the adapter as export checks it.
 
-    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
+    Raises:
+        ModelFileError: ``adapter_config.json`` is not valid JSON, or the weights are missing.
+        ConfigError: it names no base, or one that is neither a local model directory nor an
+            embedded model.
+        ExportError: the adapter's LoRA shapes do not fit that base (trained on another one).
+    """
+    from molting.export.merge import check_adapter_base
+    from molting.modelfiles import check_adapter_dir, read_adapter_config
+    from molting.models import EMBEDDED, resolve_base_model
+
+    check_adapter_dir(adapter)
+    base = read_adapter_config(adapter).get("base_model_name_or_path")
+    if not base or not isinstance(base, str):
         raise ConfigError(f"{adapter}/adapter_config.json names no base_model_name_or_path")
-    return base
+    if not (Path(base) / "config.json").is_file() and base not in EMBEDDED:
+        raise ConfigError(
+            f"{adapter}/adapter_config.json: its base {base!r} is neither a local model directory "
+            f"nor an embedded model ({', '.join(sorted(EMBEDDED))})"
+        )
+    base_dir = resolve_base_model(base)
+    check_adapter_base(base_dir, adapter)
+    return base_dir

@@ -15,7 +15,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import gguf
+import jinja2
 import llama_cpp
+from jinja2.sandbox import SecurityError
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from molting.backends.base import Backend, Chunk, GenerationConfig, Message, stop_at
@@ -97,11 +99,16 @@ class LlamaCppBackend(Backend):
         if not template:
             raise ConfigError(f"{self.model_path}: no tokenizer.chat_template in the GGUF metadata")
         model = self.llm._model
-        self.formatter = Jinja2ChatFormatter(
-            template,
-            eos_token=model.token_get_text(model.token_eos()),
-            bos_token=model.token_get_text(model.token_bos()),
-        )
+        try:
+            self.formatter = Jinja2ChatFormatter(
+                template,
+                eos_token=model.token_get_text(model.token_eos()),
+                bos_token=model.token_get_text(model.token_bos()),
+            )
+            self.formatter(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+        except jinja2.TemplateError as exc:  # refused or broken at once, not at the first answer
+            self.close()
+            raise _template_error(self.model_path, exc) from None
         self.system_prompt = self.llm.metadata.get("molting.system_prompt")
 
     def _open(self, **params) -> llama_cpp.Llama:
@@ -146,7 +153,10 @@ class LlamaCppBackend(Backend):
 
     def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
         """The token ids of ``messages`` rendered with the GGUF's chat template."""
-        prompt = self.formatter(messages=list(messages)).prompt
+        try:
+            prompt = self.formatter(messages=list(messages)).prompt
+        except jinja2.TemplateError as exc:
+            raise _template_error(self.model_path, exc) from None
         add_bos = self.llm._model.add_bos_token()
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
 
@@ -190,6 +200,13 @@ class LlamaCppBackend(Backend):
         if getattr(self, "llm", None) is not None:
             self.llm.close()
             self.llm = None
+
+
+def _template_error(path: Path, exc: Exception) -> ModelFileError:
+    """The GGUF's chat template failed in jinja2's sandbox (an unsafe attribute, a syntax error)."""
+    what = "refused by the template sandbox" if isinstance(exc, SecurityError) else "cannot be rendered"
+    message = " ".join(str(exc).split())[:200]
+    return ModelFileError(path, f"its tokenizer.chat_template {what} ({type(exc).__name__}: {message})")
 
 
 def _sampling(config: GenerationConfig) -> dict:

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from molting.backends.base import Backend, Chunk, GenerationConfig, Message, Response, cut_at_stop, stop_at
-from molting.errors import ConfigError
+from molting.errors import ConfigError, ModelFileError
 from molting.modelfiles import check_adapter_dir
 from molting.models import resolve_base_model
 
@@ -99,6 +99,7 @@ class TransformersBackend(Backend):
         if merge and dtype == "4bit":
             raise ConfigError("merge=True into a 4-bit base loses the adapter's precision; use fp32/bf16")
         model_dir = resolve_base_model(model)
+        self.model_path = Path(model_dir)
         if adapter is not None:
             check_adapter_dir(adapter)
         if self.device.startswith("cuda"):
@@ -118,9 +119,17 @@ class TransformersBackend(Backend):
         return int(self._prompt(text)["input_ids"].shape[1])
 
     def _prompt(self, messages: Sequence[Message]):
-        return self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, return_dict=True, return_tensors="pt"
-        )
+        import jinja2
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, return_dict=True, return_tensors="pt"
+            )
+        except jinja2.TemplateError as exc:
+            message = " ".join(str(exc).split())[:200]
+            raise ModelFileError(
+                self.model_path, f"its chat template cannot be rendered ({type(exc).__name__}: {message})"
+            ) from None
 
     def stream(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[Chunk]:
         """Yield the answer as ``generate`` decodes it (in a worker thread); see :meth:`Backend.stream`.

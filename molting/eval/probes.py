@@ -33,11 +33,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from molting.errors import PersonaError
 from molting.eval import checks
 from molting.eval.rubric import LOOP_THRESHOLD, Judge, load_rubric, phrase_groups
+from molting.text import load_yaml
 
 if TYPE_CHECKING:
     from molting.backends.base import Backend, GenerationConfig, Message
@@ -155,10 +154,7 @@ def load_probes(source: Persona | str | Path) -> ProbeSet | None:
         path = path / PROBES_FILE
     if not path.is_file():
         return None
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as exc:
-        raise PersonaError(f"{path}: invalid YAML: {exc}") from None
+    data = load_yaml(path)
     if not isinstance(data, dict) or not isinstance(data.get("probes"), list) or not data["probes"]:
         raise PersonaError(f"{path}: expected a mapping with a non-empty 'probes' list")
     probes = [_parse_probe(item, f"{path}: probes[{i}]") for i, item in enumerate(data["probes"])]

@@ -61,10 +61,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from molting.errors import ConfigError, PersonaError
 from molting.eval import checks
+from molting.text import load_yaml
 
 if TYPE_CHECKING:
     from molting.backends.base import Backend, GenerationConfig
@@ -345,10 +344,7 @@ def load_rubric(source: Persona | str | Path) -> Rubric:
         path = path / RUBRIC_FILE if path.is_dir() else path
         if not path.is_file():
             raise PersonaError(f"{path}: not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise PersonaError(f"{path}: invalid YAML: {exc}") from None
+    data = load_yaml(path)
     return _parse_rubric(data, path)
 
 

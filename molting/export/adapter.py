@@ -19,7 +19,6 @@ the base weight (``P (B A) = (P B) A``); ``A`` keeps its layout.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,12 +96,14 @@ def write_lora_gguf(
 
 def _adapter_config(adapter_dir: Path) -> dict:
     """``adapter_config.json``, refused when it holds what llama.cpp's LoRA cannot."""
+    from molting.modelfiles import read_adapter_config
+
     path = adapter_dir / "adapter_config.json"
     if not path.is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
         raise ExportError(
             f"{adapter_dir}: needs adapter_config.json and adapter_model.safetensors (make them with `molting train`)"
         )
-    lora = json.loads(path.read_text())
+    lora = read_adapter_config(adapter_dir)
     if lora.get("peft_type", "LORA") != "LORA":
         raise ExportError(f"{path}: peft_type {lora['peft_type']!r}; only LORA adapters can be written as GGUF")
     unsupported = {

@@ -9,7 +9,6 @@ peft's ``merge_and_unload``.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -77,7 +76,9 @@ def check_adapter_base(base_dir: Path, adapter_dir: Path) -> None:
     Raises:
         ExportError: naming the adapter, the base and the first difference.
     """
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    from molting.modelfiles import read_adapter_config
+
+    config = read_adapter_config(adapter_dir)
     trained_on = config.get("base_model_name_or_path")
     if trained_on and Path(trained_on).name != base_dir.name:
         raise ExportError(
