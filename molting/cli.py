@@ -17,12 +17,13 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from molting import backends, fit_train, registry
 from molting import fit as planner
+from molting import fit_train, registry
 from molting.backends.base import GenerationConfig
 from molting.bench import BenchConfig, report
 from molting.bench import bench as run_bench
 from molting.errors import ConfigError, Interrupted, MoltingError
+from molting.eval.conversations import DRIFT_MAX_NEW_TOKENS, DRIFT_SAMPLING, drift_table
 from molting.eval.probes import headline_line, probes_table
 from molting.eval.report import retention_table, score_cell
 from molting.eval.rubric import Sampling
@@ -309,8 +310,18 @@ def _fail(exc: Exception) -> None:
 
 
 @app.command()
-def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: MaxLength = None) -> None:
+def validate(
+    persona_dir: PersonaDir,
+    base: Base = "smollm2-135m",
+    max_length: MaxLength = None,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="answer length assumed for the held-out conversations' budget")
+    ] = DRIFT_MAX_NEW_TOKENS,
+) -> None:
     """Check a persona directory, print its token budget with the model's tokenizer, and lint its dataset.
+
+    With held-out conversations (conversations.yaml): how many tokens the longest reaches when
+    every answer takes max_new_tokens, against the model's context and molting run's llama.cpp n_ctx.
 
     Exits with 1 when the lint finds an error (see ``molting.lint.lint_dataset``).
     """
@@ -319,7 +330,8 @@ def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: M
     ui = RichUI()
     try:
         loaded = load_persona(persona_dir)
-        found = run_validation(loaded, _train_config(base, None, None, None, None, max_length, "auto"))
+        config = _train_config(base, None, None, None, None, max_length, "auto")
+        found = run_validation(loaded, config, max_new_tokens)
     except MoltingError as exc:
         _fail(exc)
     persona = loaded.persona
@@ -334,9 +346,28 @@ def validate(persona_dir: PersonaDir, base: Base = "smollm2-135m", max_length: M
             f"preference pairs (training system prompt): tokens min {s['tokens_min']}, median "
             f"{s['tokens_median']}, max {s['tokens_max']}; truncated: {s['truncated_examples']}"
         )
+    if found.conversations is not None:
+        _print_conversation_budget(found.conversations)
     ui.lint(found.findings)
     if not found.ok:
         raise typer.Exit(code=1)
+
+
+def _print_conversation_budget(budget) -> None:
+    """Print the longest held-out conversation's tokens against the model's and llama.cpp's context
+    (``molting.pipeline.ConversationBudget``)."""
+    console.print(
+        f"held-out conversations: {budget.conversations}; the longest ({budget.longest}) reaches {budget.tokens} "
+        f"tokens with answers of {budget.max_new_tokens} tokens (inference system prompt); the model's context: "
+        f"{budget.context} tokens, molting run's llama.cpp n_ctx: {budget.n_ctx}",
+        markup=False,
+        highlight=False,
+    )
+    if budget.outgrows:
+        console.print(
+            "[yellow]the longest held-out conversation outgrows the context: its oldest turns will be dropped "
+            "(molting.backends.session)"
+        )
 
 
 @app.command()
@@ -440,6 +471,16 @@ def evaluate(
         ),
     ] = True,
     probe_max_new_tokens: Annotated[int, typer.Option(help="answer length of the probes")] = 128,
+    conversations: Annotated[
+        bool,
+        typer.Option(help="also hold the persona's held-out conversations (conversations.yaml): drift per turn"),
+    ] = True,
+    drift_max_new_tokens: Annotated[
+        int, typer.Option(help="answer length in the held-out conversations")
+    ] = DRIFT_MAX_NEW_TOKENS,
+    drift_samples: Annotated[
+        int, typer.Option(help="runs of each held-out conversation: the greedy one, then seeded samples")
+    ] = DRIFT_SAMPLING.n,
 ) -> None:
     """Score models on the persona's rubric by what they generate; several side by side, with retention,
     the held-out probes' pass rates (and, with --judge, a model's second opinion beside molting's score)."""
@@ -464,6 +505,9 @@ def evaluate(
             sampling=Sampling(n=samples),
             probes=probes,
             probe_max_new_tokens=probe_max_new_tokens,
+            conversations=conversations,
+            drift_max_new_tokens=drift_max_new_tokens,
+            drift_samples=drift_samples,
             judge=judge,
             runs=runs,
         )
@@ -480,6 +524,9 @@ def evaluate(
         if of_split := [p for p in probed if p.split == split]:
             console.rule(plain(f"{title} (pass / asked)", "bold"))
             console.print(Markdown(probes_table(of_split)))
+    if drifts := [result.drift for result in results if result.drift is not None]:
+        console.rule("[bold]held-out conversations: answers held per turn (drift)")
+        console.print(Markdown(drift_table(drifts)))
     for result, opinion in zip(results, found.opinions, strict=False):
         _print_opinion(result, opinion)
     console.print(plain(f"registered: {found.entry}"))
@@ -596,31 +643,54 @@ def chat(
     stop: Annotated[list[str], typer.Option(help="end the answer at this string (repeatable)")] = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = GenerationConfig.seed,
 ) -> None:
-    """Talk to a persona, the answer printed as it is generated (default model: its latest GGUF in runs/)."""
-    persona = Persona.load(persona_dir)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        stop=tuple(stop or ()),
-        seed=seed,
-    )
-    backend = backends.load_backend(model or persona.default_model())
-    history: list[dict] = []
+    """Talk to a persona, the answer printed as it is generated (default model: its latest GGUF in runs/).
+
+    Without MESSAGE: a conversation until end of input (Ctrl-D) or /exit; /reset forgets the history.
+    When the history outgrows the model's context, the oldest turns are dropped (the system prompt stays).
+    """
     try:
-        while True:
-            text = message if message is not None else console.input("[bold]você> ")
-            if not text or text in ("/exit", "/quit"):
-                return
-            console.print(plain(f"{persona.name}> ", "bold"), end="")
-            answer = _print_stream(backend.stream(persona.messages(text, history), config))
-            if message is not None:
-                return
-            history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        persona = Persona.load(persona_dir)
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        options |= dict(repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed)
+        session = persona.session(model, **options)
+    except MoltingError as exc:
+        _fail(exc)
+    try:
+        if message is not None:
+            _answer(session, persona.name, message)
+            return
+        _converse(session, persona.name)
     finally:
-        backend.close()
+        session.backend.close()
+
+
+def _converse(session, name: str) -> None:
+    """Read user turns from stdin until end of input or /exit; /reset clears the history."""
+    while True:
+        try:
+            text = console.input("[bold]você> ").strip()
+        except EOFError:
+            console.print()
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            session.reset()
+            console.print("[dim](history cleared)")
+        elif text:
+            dropped = session.dropped
+            _answer(session, name, text)
+            if session.dropped > dropped:
+                console.print(f"[dim](the oldest turns were dropped to fit the context: {session.dropped} messages)")
+
+
+def _answer(session, name: str, text: str) -> None:
+    console.print(plain(f"{name}> ", "bold"), end="")
+    try:
+        _print_stream(session.stream(text))
+    except MoltingError as exc:
+        console.print()
+        print_error(exc)
 
 
 def _print_stream(chunks) -> str:
@@ -708,6 +778,9 @@ def run_all(
     no_verify: NoVerify = False,
     samples: Samples = Sampling.n,
     runs: Runs = Path("runs"),
+    conversations: Annotated[
+        bool, typer.Option(help="hold the persona's held-out conversations (conversations.yaml) with every model")
+    ] = True,
 ) -> None:
     """Validate → budget → lint → train → rubric (base, fine-tuned) → GGUF → rubric (llama.cpp) → report."""
     from molting.export.verify import VerifyConfig
@@ -723,6 +796,7 @@ def run_all(
             generation=GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty),
             sampling=Sampling(n=samples),
             registry=runs,
+            conversations=conversations,
         )
         result = run(loaded, config, RichUI())
     except MoltingError as exc:

@@ -64,7 +64,7 @@ def lint_dataset(
     rubric_prompts: Iterable[str] = (),
     budget: BudgetReport | None = None,
     wrong: Iterable[Iterable[str]] = (),
-    held_out: Iterable[str] = (),
+    held_out: Iterable[str | tuple[str, str]] = (),
     examples: list[tuple[int, Conversation]] | None = None,
 ) -> list[LintFinding]:
     """Read every example of a dataset for what a model should not learn, before training.
@@ -88,7 +88,8 @@ def lint_dataset(
         budget: ``token_budget`` of this dataset; its truncated examples become warnings.
         wrong: the rubric's persona-wide ``wrong`` phrase groups.
         held_out: the prompts of the held-out probes (``molting.eval.probes``), which training
-            must never see (a probe's ``history`` is context, not held out).
+            must never see (a probe's ``history`` is context, not held out), and the held-out
+            conversations' user turns as ``(what, text)`` (see ``evaluation_prompts``).
         examples: ``(line, conversation)`` pairs already read from ``path`` (a loaded persona's);
             None reads them (``numbered_examples``).
 
@@ -166,10 +167,20 @@ def lint_turns(
     return found
 
 
-def evaluation_prompts(rubric_prompts: Iterable[str], held_out: Iterable[str] = ()) -> dict[str, tuple]:
-    """``{plain text: (check, what, prompt)}`` of the rubric questions and held-out probe prompts."""
+def evaluation_prompts(
+    rubric_prompts: Iterable[str], held_out: Iterable[str | tuple[str, str]] = ()
+) -> dict[str, tuple]:
+    """``{plain text: (check, what, prompt)}`` of the rubric questions and held-out prompts.
+
+    Args:
+        rubric_prompts: the rubric's questions.
+        held_out: a held-out probe's prompt, or ``(what, text)`` naming another held-out text
+            (``("held-out conversation turn", "Quem te treinou, afinal?")``).
+    """
     questions = {plain(p): ("rubric-question", "rubric question", p) for p in rubric_prompts}
-    questions.update({plain(p): ("held-out", "held-out probe", p) for p in held_out})
+    for item in held_out:
+        what, prompt = item if isinstance(item, tuple) else ("held-out probe", item)
+        questions[plain(prompt)] = ("held-out", what, prompt)
     return questions
 
 
@@ -213,7 +224,7 @@ def lint_preferences(
     rubric_prompts: Iterable[str] = (),
     wrong: Iterable[Iterable[str]] = (),
     budget: BudgetReport | None = None,
-    held_out: Iterable[str] = (),
+    held_out: Iterable[str | tuple[str, str]] = (),
     pairs: list[Preference] | None = None,
 ) -> list[LintFinding]:
     """Read the pairs for what DPO should not push the model towards, before training.
@@ -259,7 +270,7 @@ def lint_persona(
     persona: Persona | PersonaDir, budget: BudgetReport | None = None, pair_budget: BudgetReport | None = None
 ) -> list[LintFinding]:
     """``lint_dataset`` on a persona's dataset and ``lint_preferences`` on its preference pairs,
-    with its language, identities, rubric questions and held-out probe prompts.
+    with its language, identities, rubric questions, held-out probe prompts and conversation turns.
 
     Args:
         persona: a loaded persona directory (``PersonaDir.load``); a bare Persona has its
@@ -279,7 +290,9 @@ def lint_persona(
         return []
     identity = (persona.forbidden_identities, persona.names, [q.prompt for q in rubric.questions])
     # Both probe splits: the dev probes (recipes are chosen by them) and the test probes (the headline).
-    held_out = [probe.prompt for split in loaded.probe_splits for probe in split.probes]
+    held_out: list[str | tuple[str, str]] = [probe.prompt for split in loaded.probe_splits for probe in split.probes]
+    if loaded.conversations:
+        held_out += [("held-out conversation turn", turn) for turn in loaded.conversations.user_turns()]
     findings = []
     numbered = len(persona.lines) == len(persona.examples) > 0
     read = list(zip(persona.lines, persona.examples, strict=True)) if numbered else None

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from molting.backends import Backend, Message, load_backend
+from molting.backends import Backend, GenerationConfig, Message, load_backend
+from molting.backends.session import ChatSession
 from molting.data import Conversation, numbered_examples
 from molting.errors import PersonaError
 from molting.names import DATASET_FILE, LANGUAGES, PERSONA_FILE, PREFERENCES_FILE, RUBRIC_FILE  # noqa: F401
@@ -126,6 +127,23 @@ class Persona:
         """
         backend = model if isinstance(model, Backend) else load_backend(model or self.default_model())
         return backend.chat(self.messages(message, history), **options)
+
+    def session(
+        self, model: Backend | str | Path | None = None, n_ctx: int | None = None, **options
+    ) -> ChatSession:
+        """A multi-turn conversation with this persona that keeps its own history.
+
+        ``session.send("Oi")`` answers and remembers; when the history outgrows the context
+        window, the oldest exchanges are dropped and the system prompt is kept
+        (``molting.backends.session``).
+
+        Args:
+            model: as for :meth:`chat`.
+            n_ctx: the context window in tokens; default the backend's (``Backend.n_ctx``).
+            **options: decoding options of :class:`molting.backends.GenerationConfig`.
+        """
+        backend = model if isinstance(model, Backend) else load_backend(model or self.default_model())
+        return ChatSession(backend, self.system_prompt, GenerationConfig(**options), n_ctx)
 
     def default_model(self) -> Path | str:
         """The GGUF of this persona's last ``molting run`` in ./runs, else the embedded model."""

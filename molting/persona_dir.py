@@ -10,9 +10,10 @@ loaded (``molting run`` parses ``rubric.yaml`` and ``probes.yaml`` once each)::
     probes.yaml        # molting.eval.probes: optional held-out pass/fail probes, the dev split
     probes-test.yaml   # molting.eval.probes: optional test split, the headline (issue 25)
     labelled.jsonl     # molting.eval.calibration: optional hand-labelled answers for the scorer
+    conversations.yaml # molting.eval.conversations: optional held-out conversations (drift, issue 23)
 
 The loader sits above both the data formats and ``molting.eval``: it is the one module that
-knows all seven files.
+knows all eight files.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from molting.eval.calibration import Labelled, load_labelled
+from molting.eval.conversations import ScriptSet, load_conversations
 from molting.eval.probes import ProbeSet, load_probe_splits
 from molting.eval.rubric import Rubric, load_rubric
 from molting.names import LABELLED_FILE, PERSONA_FILES  # noqa: F401 (kept importable from here)
@@ -37,6 +39,7 @@ class PersonaDir:
         probes: probes.yaml, the dev split; None without one.
         labelled: labelled.jsonl (``molting.eval.calibration``); None without one.
         test_probes: probes-test.yaml, the test split (the headline); None without one.
+        conversations: conversations.yaml, the held-out conversations; None without one.
     """
 
     persona: Persona
@@ -44,6 +47,7 @@ class PersonaDir:
     probes: ProbeSet | None = None
     labelled: list[Labelled] | None = None
     test_probes: ProbeSet | None = None
+    conversations: ScriptSet | None = None
 
     @property
     def probe_splits(self) -> list[ProbeSet]:
@@ -55,7 +59,7 @@ class PersonaDir:
         """Read and validate every file of the persona directory ``path``.
 
         Raises:
-            PersonaError: persona.yaml, rubric.yaml, probes.yaml or probes-test.yaml missing a
+            PersonaError: persona.yaml, rubric.yaml, probes.yaml, probes-test.yaml or conversations.yaml missing a
                 key, holding an unknown one, or invalid (the message names the file and the
                 field); a test probe that is also a dev probe.
             DatasetError: an invalid line of dataset.jsonl, preferences.jsonl or labelled.jsonl
@@ -65,7 +69,8 @@ class PersonaDir:
 
     @classmethod
     def around(cls, persona: Persona) -> PersonaDir:
-        """The rest of the directory of an already loaded ``persona``: rubric, probes, labelled answers."""
+        """The rest of the directory of an already loaded ``persona``: rubric, probes, labelled
+        answers, conversations."""
         labelled = persona.root / LABELLED_FILE if persona.root is not None else None
         splits = {s.split: s for s in load_probe_splits(persona)}
         return cls(
@@ -74,6 +79,7 @@ class PersonaDir:
             splits.get("dev"),
             load_labelled(labelled) if labelled is not None and labelled.is_file() else None,
             splits.get("test"),
+            load_conversations(persona),
         )
 
 

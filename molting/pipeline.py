@@ -28,6 +28,7 @@ from molting import backends, registry
 from molting.backends.base import GenerationConfig
 from molting.data import BudgetReport, token_budget
 from molting.errors import ConfigError, Interrupted
+from molting.eval.conversations import DRIFT_MAX_NEW_TOKENS, DRIFT_SAMPLING, longest_conversation
 from molting.eval.model_judge import model_opinions
 from molting.eval.rubric import Rubric, RubricResult, Sampling, load_rubric
 from molting.eval.targets import evaluate_targets, target_labels, training_config
@@ -73,6 +74,9 @@ class RunConfig:
             stop at ``probe_max_new_tokens``.
         probe_splits: which probe splits to ask, of "test" (``probes-test.yaml``, the headline)
             and "dev" (``probes.yaml``); the recipe search asks dev only (issue 25).
+        conversations: also hold the persona's held-out conversations (``conversations.yaml``,
+            molting.eval.conversations) with every model: drift turn by turn. Their answers stop
+            at ``drift_max_new_tokens``; ``drift_sampling`` gives the runs (greedy, then samples).
     """
 
     out: Path | None = None
@@ -89,6 +93,9 @@ class RunConfig:
     probe_max_new_tokens: int = 128
     probe_bare: bool = True
     probe_splits: tuple[str, ...] = ("test", "dev")
+    conversations: bool = True
+    drift_max_new_tokens: int = DRIFT_MAX_NEW_TOKENS
+    drift_sampling: Sampling = field(default_factory=lambda: DRIFT_SAMPLING)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.models) - set(MODELS))
@@ -275,6 +282,32 @@ def train_persona(
     return TrainResult(record, weights, entry)
 
 
+@dataclass(frozen=True)
+class ConversationBudget:
+    """How long the held-out conversations grow (``longest_conversation``), against the contexts.
+
+    Attributes:
+        conversations: how many held-out conversations the persona has.
+        longest: the id of the one whose prompt grows longest.
+        tokens: its tokens at the last turn when every answer takes ``max_new_tokens``.
+        max_new_tokens: the answer length assumed.
+        context: the base model's context window (``max_position_embeddings``); None when unknown.
+        n_ctx: ``molting run``'s llama.cpp context (``RunConfig.n_ctx``).
+    """
+
+    conversations: int
+    longest: str
+    tokens: int
+    max_new_tokens: int
+    context: int | None
+    n_ctx: int
+
+    @property
+    def outgrows(self) -> bool:
+        """The longest conversation needs more than the smaller context: its oldest turns will be dropped."""
+        return self.tokens > min(c for c in (self.context, self.n_ctx) if c)
+
+
 @dataclass
 class Validation:
     """What ``molting validate`` found: the budgets under both system prompts, and the lint.
@@ -285,12 +318,14 @@ class Validation:
             system prompt, under the training tokenizer and chat template.
         pair_budget: the preference pairs' budget; None without pairs.
         findings: the lint's findings (``molting.lint``).
+        conversations: the held-out conversations' budget; None without conversations.yaml.
     """
 
     persona: PersonaDir
     budgets: dict[str, BudgetReport]
     pair_budget: BudgetReport | None
     findings: list[LintFinding]
+    conversations: ConversationBudget | None = None
 
     @property
     def ok(self) -> bool:
@@ -298,8 +333,11 @@ class Validation:
         return not any(f.severity == "error" for f in self.findings)
 
 
-def validate(persona: Persona | PersonaDir, config: TrainConfig | None = None) -> Validation:
-    """``molting validate``: the token budgets ``train`` will face, and the dataset lint.
+def validate(
+    persona: Persona | PersonaDir, config: TrainConfig | None = None, max_new_tokens: int = DRIFT_MAX_NEW_TOKENS
+) -> Validation:
+    """``molting validate``: the token budgets ``train`` will face, the dataset lint, and with
+    held-out conversations how long the longest grows when every answer takes ``max_new_tokens``.
 
     Raises:
         ConfigError: no examples; ModelFileError: an unusable base model.
@@ -309,7 +347,22 @@ def validate(persona: Persona | PersonaDir, config: TrainConfig | None = None) -
     examples, limit = loaded.persona.examples, data.config.max_length
     inference = token_budget(data.tokenizer, examples, loaded.persona.system_prompt, limit)
     findings = lint_persona(loaded, data.budget, data.pair_budget)
-    return Validation(loaded, {"training": data.budget, "inference": inference}, data.pair_budget, findings)
+    budgets = {"training": data.budget, "inference": inference}
+    conversations = None
+    if loaded.conversations is not None:
+        conversations = _conversation_budget(data, loaded, max_new_tokens)
+    return Validation(loaded, budgets, data.pair_budget, findings, conversations)
+
+
+def _conversation_budget(data: TrainingData, loaded: PersonaDir, max_new_tokens: int) -> ConversationBudget:
+    """The longest held-out conversation under the training tokenizer, against the model's and llama.cpp's context."""
+    from transformers import AutoConfig
+
+    scripts = loaded.conversations
+    cid, tokens = longest_conversation(data.tokenizer, loaded.persona.system_prompt, scripts, max_new_tokens)
+    model_config = AutoConfig.from_pretrained(resolve_base_model(data.config.base_model))
+    context = getattr(model_config, "max_position_embeddings", None)
+    return ConversationBudget(len(scripts.scripts), cid, tokens, max_new_tokens, context, RunConfig.n_ctx)
 
 
 @dataclass
@@ -336,6 +389,9 @@ class _Evaluation:
             probes,
             replace(config.generation, max_new_tokens=limit),
             bare=config.probe_bare,
+            scripts=self.persona.conversations if config.conversations else None,
+            drift_config=replace(config.generation, max_new_tokens=config.drift_max_new_tokens),
+            drift_sampling=config.drift_sampling,
         )
         name = label.lower().split()[0].replace("-", "")
         with atomic_path(self.out / "eval" / f"{name}.json") as tmp:
@@ -369,6 +425,9 @@ def evaluate_persona(
     sampling: Sampling | None = None,
     probes: bool = True,
     probe_max_new_tokens: int = 128,
+    conversations: bool = True,
+    drift_max_new_tokens: int = DRIFT_MAX_NEW_TOKENS,
+    drift_samples: int = DRIFT_SAMPLING.n,
     judge: str | None = None,
     runs: Path | None = None,
 ) -> Evaluation:
@@ -382,6 +441,8 @@ def evaluate_persona(
         labels: one column name per model (default ``target_labels``).
         generation, sampling: decoding of every model (defaults: ``GenerationConfig()``, ``Sampling()``).
         probes: also ask the held-out probes, answers cut at ``probe_max_new_tokens``.
+        conversations: also hold the held-out conversations (drift), answers cut at
+            ``drift_max_new_tokens``, ``drift_samples`` runs each (the greedy one, then seeded samples).
         judge: a model that grades every greedy answer too (``molting.eval.model_judge``); its
             opinions are recorded beside the results.
         runs: the registry to record the command in, after the judge; None records nothing.
@@ -395,8 +456,11 @@ def evaluate_persona(
     opener = {label: (lambda m=m: backends.load_backend(m)) for label, m in targets.items()}
     probe_set = loaded.probe_splits if probes else []
     probe_config = replace(generation, max_new_tokens=min(generation.max_new_tokens, probe_max_new_tokens))
+    scripts = loaded.conversations if conversations else None
+    drift = replace(generation, max_new_tokens=drift_max_new_tokens)
     results = evaluate_targets(
-        loaded.persona, loaded.rubric, opener, generation, sampling, ui, probe_set, probe_config
+        loaded.persona, loaded.rubric, opener, generation, sampling, ui, probe_set, probe_config,
+        scripts=scripts, drift_config=drift, drift_sampling=Sampling(n=drift_samples),
     )
     opinions = [_second_opinion(judge, loaded, result, ui) for result in results] if judge else []
     entry = None

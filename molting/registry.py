@@ -28,7 +28,7 @@ from molting.errors import ConfigError
 from molting.eval.report import compare_runs, retention_table
 from molting.eval.results import RubricResult
 from molting.io import atomic_path
-from molting.names import LABELLED_FILE, PERSONA_FILES
+from molting.names import CONVERSATIONS_FILE, LABELLED_FILE, PERSONA_FILES
 from molting.persona import Persona
 from molting.plots import scores_chart
 from molting.versions import PACKAGES, package_versions  # noqa: F401 (kept importable from here)
@@ -46,6 +46,7 @@ HASHED_FILES = {
     "probes_sha256": PERSONA_FILES[4],
     "probes_test_sha256": PERSONA_FILES[5],
     "labelled_sha256": LABELLED_FILE,
+    "conversations_sha256": CONVERSATIONS_FILE,
 }
 
 

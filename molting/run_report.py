@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from molting.eval.conversations import LATE_TURN, compare_drift, drift_table
+from molting.eval.conversations import failures_section as drift_failures
 from molting.eval.probes import failures_section, headline_line, probes_table
 from molting.eval.report import compare, reasons_section, rubric_table
-from molting.plots import loss_chart, scores_chart
+from molting.plots import drift_chart, loss_chart, scores_chart
 
 LOSS_PNG = "loss.png"
 SCORES_PNG = "scores.png"
+DRIFT_PNG = "drift.png"
 
 
 def run_report(
@@ -37,7 +40,7 @@ def run_report(
         gguf: the exported file.
         llama_cli: the command that chats with it.
         check: the export's VerifyReport (``molting.export.verify``), or None when it was skipped.
-        out: the run directory: receives ``loss.png`` and ``scores.png``, which the
+        out: the run directory: receives ``loss.png``, ``scores.png`` and ``drift.png``, which the
             report (``out/report.md``) links by relative path.
     """
     parts = [
@@ -50,6 +53,7 @@ def run_report(
         _rubric(results, generation, out),
         _comparisons(results),
         _probes(results),
+        _drift(results, out),
         _answers(results),
         _export_check(check),
         _how_to_run(gguf, llama_cli),
@@ -172,6 +176,31 @@ def _probes(results: dict) -> str:
                 title = probe.label if probe.system_prompt else f"{probe.label}, no system prompt"
                 parts += [f"### Failed {split} probes: {title}\n", failed, ""]
     return "\n".join(parts)
+
+
+def _drift(results: dict, out: Path) -> str:
+    """Held-out conversations: share held per turn for every model, the curve, the comparisons, the failures."""
+    drifts = [r.drift for r in results.values() if r.drift is not None]
+    if not drifts:
+        return ""
+    drift_chart(drifts, out / DRIFT_PNG)
+    first = drifts[0]
+    runs = ", ".join(f"temperature {d['temperature']:g} seed {d['seed']}" for d in first.decodings)
+    parts = [
+        "## Drift: held-out conversations\n",
+        f"{len(first.runs[0])} conversations that training never sees (`conversations.yaml`), each answered turn "
+        f"by turn with the model's own answers as the history ({runs}). A cell is the share of answers that held "
+        f"at that turn in the greedy run, then the mean ± spread over the runs; **≥ {LATE_TURN}** is the share "
+        f"from turn {LATE_TURN} on, ± its standard error (molting/eval/conversations.py).\n",
+        drift_table(drifts),
+        "",
+        f"![share of answers held per turn]({DRIFT_PNG})\n",
+    ]
+    parts += [f"- {compare_drift(b, a).summary()}" for b, a in zip(drifts, drifts[1:], strict=False)]
+    for drift in drifts:
+        if failed := drift_failures(drift):
+            parts += ["", f"### Answers that did not hold: {drift.label} (greedy)\n", failed]
+    return "\n".join(parts) + "\n"
 
 
 def _export_check(check) -> str:

@@ -66,7 +66,11 @@ def test_one_molting_run_parses_each_file_once_and_loads_the_training_tokenizer_
     (persona_dir / "probes.yaml").write_text(yaml.safe_dump({"probes": [probe]}), encoding="utf-8")
     test_probe = {"id": "name-test", "kind": "name", "prompt": "Qual é o seu nome?", "expect": [["Cláudio"]]}
     (persona_dir / "probes-test.yaml").write_text(yaml.safe_dump({"probes": [test_probe]}), encoding="utf-8")
-    counts = _parses(monkeypatch, ("rubric.yaml", "probes.yaml", "probes-test.yaml"))
+    identity = {"say": "Quem é você?", "kind": "identity", "expect": [["Cláudio"]]}
+    script = {"id": "c", "turns": ["Bom dia"] * 7 + [identity]}
+    conversations = yaml.safe_dump({"conversations": [script]}, allow_unicode=True)
+    (persona_dir / "conversations.yaml").write_text(conversations, encoding="utf-8")
+    counts = _parses(monkeypatch, ("rubric.yaml", "probes.yaml", "probes-test.yaml", "conversations.yaml"))
     dataset = _counting(monkeypatch, ("dataset.jsonl",))  # read in binary (a BOM is skipped), never hashed as bytes
     tokenizers = []
     load_tokenizer = molting.train._training_tokenizer
@@ -76,7 +80,8 @@ def test_one_molting_run_parses_each_file_once_and_loads_the_training_tokenizer_
             "--runs", str(tmp_path / "runs")]
     result = CliRunner().invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert counts == {"rubric.yaml": 1, "probes.yaml": 1, "probes-test.yaml": 1} and dataset == {"dataset.jsonl": 1}
+    assert counts == dict.fromkeys(("rubric.yaml", "probes.yaml", "probes-test.yaml", "conversations.yaml"), 1)
+    assert dataset == {"dataset.jsonl": 1}
     assert len(tokenizers) == 1
 
 
@@ -84,13 +89,14 @@ def test_persona_dir_reads_every_file_once(tmp_path, monkeypatch):
     shutil.copytree("examples/claudio", tmp_path / "claudio")
     names = (
         "persona.yaml", "dataset.jsonl", "preferences.jsonl", "rubric.yaml", "probes.yaml", "probes-test.yaml",
-        "labelled.jsonl",
+        "labelled.jsonl", "conversations.yaml",
     )
     counts = _counting(monkeypatch, names)
     loaded = PersonaDir.load(tmp_path / "claudio")
     assert counts == dict.fromkeys(names, 1)
     assert loaded.persona.examples and loaded.persona.preferences and loaded.probes and loaded.labelled
     assert [s.split for s in loaded.probe_splits] == ["test", "dev"] and loaded.test_probes.probes
+    assert loaded.conversations.scripts
     assert loaded.rubric.questions[0].prompt
 
 
@@ -122,8 +128,8 @@ def test_changing_only_preferences_or_only_probes_changes_the_hash_and_compare_n
     changed = lambda a, b: sorted(k for k in a.hashes if a.hashes[k] != b.hashes[k])  # noqa: E731
     assert changed(first, second) == ["preferences_sha256"]
     assert changed(second, third) == ["probes_sha256"]
-    assert len(first.hashes) == 7 and first.hashes["labelled_sha256"] is None
-    assert first.hashes["probes_test_sha256"] is None
+    assert len(first.hashes) == 8 and first.hashes["labelled_sha256"] is None
+    assert first.hashes["probes_test_sha256"] is None and first.hashes["conversations_sha256"] is None
     text = registry.comparison([first.id, second.id], runs, "m")
     assert "| file preferences.jsonl |" in text and "probes.yaml" not in text.split("## Rubric")[0]
     text = registry.comparison([second.id, third.id], runs, "m")

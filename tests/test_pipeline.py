@@ -6,8 +6,10 @@ import json
 import pytest
 import yaml
 
+from molting import registry
 from molting.backends import GenerationConfig
 from molting.errors import ConfigError
+from molting.eval.report import compare_runs
 from molting.persona import Persona
 from molting.pipeline import RunConfig, llama_cli_command, run
 from molting.train import TrainConfig
@@ -68,6 +70,10 @@ def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
     test_probe = {"id": "t-name", "kind": "name", "prompt": "Com quem eu falo?", "expect": [["Cláudio"]]}
     test_file = tmp_path / "persona" / "probes-test.yaml"
     test_file.write_text(yaml.safe_dump({"probes": [test_probe]}), encoding="utf-8")
+    identity = {"say": "Quem é você?", "kind": "identity", "expect": [["Cláudio"]]}
+    script = {"id": "c", "turns": ["Bom dia"] * 7 + [identity]}
+    conversations = yaml.safe_dump({"conversations": [script]}, allow_unicode=True)
+    (tmp_path / "persona" / "conversations.yaml").write_text(conversations, encoding="utf-8")
     persona = make_persona(tmp_path / "persona")
     out = tmp_path / "run"
     config = RunConfig(
@@ -77,6 +83,7 @@ def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
         quant="Q8_0",
         n_ctx=256,
         registry=tmp_path / "runs",
+        drift_max_new_tokens=4,
     )
     ui = SilentUI()
     result = run(persona, config, ui)
@@ -92,7 +99,7 @@ def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
     report = result.report.read_text()
     for needle in ("Token budget", "## Loss", "base", "fine-tuned", "GGUF Q8_0", "llama-cli -m", "Quem é o João?"):
         assert needle in report
-    for picture in ("loss.png", "scores.png"):
+    for picture in ("loss.png", "scores.png", "drift.png"):
         assert f"]({picture})" in report and (out / picture).read_bytes()[:4] == b"\x89PNG"
     entry = json.loads((result.entry / "entry.json").read_text())
     assert result.entry.parent == tmp_path / "runs" and entry["kind"] == "run" and entry["primary"] == "fine-tuned"
@@ -116,6 +123,19 @@ def test_run_writes_every_artifact(tiny_llama_256_dir, tmp_path):
     assert report.index("test probes (the headline): base") < report.index("## Training")
     assert report.index("## Test probes (the headline)") < report.index("## Dev probes")
     assert "| **all** |" in report and "GGUF Q8_0 (no system prompt)" in report
+    # the held-out conversation on every model: greedy and one sample, 8 turns each; saved, reported, compared
+    assert {label: [len(c.outcomes) for run in r.drift.runs for c in run] for label, r in result.results.items()} == {
+        "base": [8, 8],
+        "fine-tuned": [8, 8],
+        "GGUF Q8_0": [8, 8],
+    }
+    assert "## Drift: held-out conversations" in report and "| identity lost (greedy) |" in report
+    assert "(drift): GGUF Q8_0 holds" in report
+    registered = registry.load(result.entry)
+    saved = [registered.result(label) for label in registered.labels]
+    assert [len(r.drift.runs) for r in saved] == [2, 2, 2]
+    compared = compare_runs(saved)
+    assert "## Drift: held-out conversations" in compared and "(drift): GGUF Q8_0 holds" in compared
 
 
 def test_run_can_judge_the_gguf_alone_and_fine_tunes_a_small_model_fully(tiny_llama_256_dir, tmp_path):

@@ -215,6 +215,8 @@ class Backend(abc.ABC):
     name: str = "backend"
     # Conversations answered in one engine call by generate_batch; 1: one after another.
     batch_size: int = 1
+    # The context window in tokens (prompt + answer) the engine serves; None when unknown.
+    n_ctx: int | None = None
 
     @abc.abstractmethod
     def stream(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[Chunk]:

@@ -110,6 +110,7 @@ class TransformersBackend(Backend):
         if adapter is not None:
             self.model = _apply_adapter(self.model, Path(adapter), merge)
         self.model.eval()
+        self.n_ctx = getattr(self.model.config, "max_position_embeddings", None)
         self.stop_ids = _stop_ids(self.tokenizer, self.model.generation_config.eos_token_id)
 
     def count_tokens(self, text: str | Sequence[Message]) -> int:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from molting.eval.conversations import compare_drift, drift_table
 from molting.eval.probes import of_split, probes_table
-from molting.eval.results import QuestionResult, RubricResult
+from molting.eval.results import NOISE_Z, QuestionResult, RubricResult
 
 # A change in the mean score (0-10 per question) smaller than this is noise: one fact more or less.
 THRESHOLD = 0.5
@@ -22,8 +23,6 @@ QUESTION_CHANGE = 1.0
 # A question that loses this many points is named in the comparison whatever the mean says:
 # a wrong-group penalty (-3) or half of a question's facts.
 QUESTION_DROP = 3.0
-# A change is called only beyond this many standard errors of the difference (from the answers' spread).
-NOISE_Z = 2.0
 # Failures that make a run a regression whatever the mean says, when the greedy answer (the one
 # ``Persona.chat`` gives) newly fails one, or the share of a question's answers failing it grows
 # by at least CRITICAL_SHARE (2 of 3 samples).
@@ -285,9 +284,14 @@ def compare_runs(results: list[RubricResult], settings: list[dict] | None = None
         if all(found):
             probed = [replace(p, label=r.label) for p, r in zip(found, results, strict=True)]
             parts += [f"## {title} (pass / asked)\n", probes_table(probed), ""]
+    drifts = [replace(r.drift, label=r.label) for r in results if r.drift is not None]
+    if len(drifts) == len(results):
+        parts += ["## Drift: held-out conversations\n", drift_table(drifts), ""]
     steps = [compare(before, after) for before, after in zip(results, results[1:], strict=False)]
     parts += ["## Verdict\n"]
     parts += [f"- {step.summary()}" + _named(step) for step in steps]
+    if len(drifts) == len(results):
+        parts += [f"- {compare_drift(b, a).summary()}" for b, a in zip(drifts, drifts[1:], strict=False)]
     best = max(results, key=lambda r: r.mean)
     parts += ["", f"Best run: {best.label} ({best.mean:.1f}/10). Verdict: {steps[-1].summary()}"]
     return "\n".join(parts) + "\n"

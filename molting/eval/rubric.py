@@ -528,7 +528,7 @@ def rescore(result: RubricResult, persona: Persona, rubric: Rubric) -> RubricRes
             raise PersonaError(f"rubric {rubric.version}: no question {old.id!r} (answered in {result.label})")
         answers = [judge.score(by_id[old.id], a.answer, a.finish_reason) for a in old.answers]
         questions.append(QuestionResult(old.id, old.prompt, answers))
-    return RubricResult(result.label, rubric.version, questions, result.sampling, result.probes)
+    return RubricResult(result.label, rubric.version, questions, result.sampling, result.probes, result.drift)
 
 
 def evaluate(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from molting.backends.base import Backend, GenerationConfig
 from molting.errors import ConfigError
+from molting.eval.conversations import DriftResult, ScriptSet, run_drift
 from molting.eval.probes import ProbeResult, ProbeSet, run_probes
 from molting.eval.rubric import Rubric, RubricResult, Sampling, evaluate
 
@@ -77,6 +78,9 @@ def evaluate_targets(
     probes: Sequence[ProbeSet] = (),
     probe_config: GenerationConfig | None = None,
     bare: bool = True,
+    scripts: ScriptSet | None = None,
+    drift_config: GenerationConfig | None = None,
+    drift_sampling: Sampling | None = None,
 ) -> list[RubricResult]:
     """Evaluate each model in turn with the same decoding and sampling.
 
@@ -90,6 +94,9 @@ def evaluate_targets(
             carries it); empty skips.
         probe_config: decoding of the probes (default ``config``).
         bare: on a llama.cpp model, ask the probes also without the system prompt (False: only with it).
+        scripts: held-out conversations to hold with each model too (``molting.eval.conversations``);
+            None skips. ``drift_config`` and ``drift_sampling`` are their decoding and runs
+            (default ``config`` and ``sampling``).
 
     Returns:
         One RubricResult per model, in ``models``' order, its probes attached.
@@ -108,6 +115,9 @@ def evaluate_targets(
             result.probes = [
                 ask_probes(backend, persona, s, decoding, label, m, ui, rubric) for s in probes for m in modes
             ]
+            if scripts is not None:
+                decoding, runs = drift_config or config, drift_sampling or sampling
+                result.drift = ask_conversations(backend, persona, scripts, decoding, runs, label, ui, rubric)
         finally:
             backend.close()
         results.append(result)
@@ -130,3 +140,12 @@ def ask_probes(
             progress=advance,
             rubric=rubric,
         )
+
+
+def ask_conversations(
+    backend, persona, scripts: ScriptSet, config, sampling: Sampling, label: str, ui, rubric: Rubric | None = None
+) -> DriftResult:
+    """``run_drift`` behind a progress bar: every held-out conversation, greedy and sampled."""
+    total = sum(len(s.turns) for s in scripts.scripts) * sampling.n
+    with ui.bar(f"conversations: {label}", total) as advance:
+        return run_drift(backend, persona, scripts, config, sampling, label=label, progress=advance, rubric=rubric)
