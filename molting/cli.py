@@ -655,7 +655,6 @@ def serve(
     from molting import serve as serving
 
     if engine == "vllm":
-        from molting.persona import Persona
         from molting.serve.vllm import persona_weights, vllm_commands
 
         if not print_only:

@@ -41,7 +41,7 @@ LAYERS = [
     ("eval", ["eval"]),
     ("persona directory and lint", ["persona_dir", "lint"]),
     ("report and registry", ["plots", "run_report", "registry"]),
-    ("commands", ["pipeline", "bench", "cli", ""]),
+    ("commands", ["pipeline", "bench", "serve", "cli", ""]),
 ]
 
 

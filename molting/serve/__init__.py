@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from molting.models import EMBEDDED, embedded_gguf
+from molting.persona import Persona
 from molting.serve.llama_server import EngineOptions, LlamaServer, command, find_llama_server
 from molting.serve.plan import Engine, ServedPersona, ServePlan, persona_gguf, plan
 
@@ -51,9 +53,6 @@ def load_plan(
         PersonaError, DatasetError: a persona directory is invalid.
         ConfigError, ModelFileError: see ``plan`` and ``persona_gguf``.
     """
-    from molting.models import EMBEDDED, embedded_gguf
-    from molting.persona import Persona
-
     personas = [Persona.load(d) for d in persona_dirs]
     files = [Path(m) for m in models] or [persona_gguf(p, Path(runs)) for p in personas]
     base_file = embedded_gguf(str(base)) if str(base) in EMBEDDED else Path(base)
