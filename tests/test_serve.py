@@ -22,7 +22,7 @@ import yaml
 from molting.errors import ConfigError
 from molting.persona import Persona
 from molting.serve import EngineOptions, ServedPersona, plan
-from molting.serve.app import create_app, route
+from molting.serve.app import _relay, create_app, rename_model, rename_sse_line, route
 from molting.serve.vllm import vllm_commands
 
 PERSONAS = {
@@ -151,9 +151,12 @@ def test_each_persona_answers_as_itself_streaming_or_not(client, served_files):
     user = [{"role": "user", "content": QUESTION}]
     answers = {}
     for slug in PERSONAS:
-        text = ask(client, slug, user)
-        stream = client.chat.completions.create(model=slug, messages=user, stream=True, **GREEDY)
-        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices).strip() == text
+        response = client.chat.completions.create(model=slug, messages=user, **GREEDY)
+        text = response.choices[0].message.content.strip()
+        assert response.model == slug  # the persona, not llama-server's model file
+        chunks = list(client.chat.completions.create(model=slug, messages=user, stream=True, **GREEDY))
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices).strip() == text
+        assert {chunk.model for chunk in chunks} == {slug}
         # the system prompt the server added is the persona's: sending it explicitly gives the same text
         assert ask(client, slug, served_files[slug]["persona"].messages(QUESTION)) == text
         answers[slug] = text
@@ -267,6 +270,40 @@ def test_route_adds_the_system_prompt_and_only_the_personas_adapter():
     assert route(persona, 3, {"messages": given})["messages"] == given
     merged = ServedPersona("claudio", "Cláudio", "Você é o Cláudio.", engine=1)
     assert route(merged, 2, body)["lora"] == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}]
+
+
+def test_answers_are_renamed_to_the_persona_line_by_line():
+    chunk = b'data: {"id": "x", "model": "/tmp/base.gguf", "choices": [{"delta": {"content": "Ol\xc3\xa1"}}]}'
+    assert json.loads(rename_sse_line(chunk, "claudio")[len(b"data: ") :]) == {
+        "id": "x", "model": "claudio", "choices": [{"delta": {"content": "Olá"}}]
+    }
+    for kept in (b"data: [DONE]", b"", b": keep-alive", b'data: {"no_model": 1}', b"data: {broken"):
+        assert rename_sse_line(kept, "claudio") == kept
+    assert rename_model(b'{"model": "gpt", "a": 1}', "marina") == b'{"model": "marina", "a": 1}'
+    assert rename_model(b"[1]", "marina") == b"[1]"
+
+
+def test_the_relay_renames_lines_split_across_network_chunks():
+    import asyncio
+
+    body = b'data: {"model": "base.gguf", "n": 1}\n\ndata: {"model": "base.gguf", "n": 2}\n\ndata: [DONE]\n\n'
+
+    class Upstream:  # llama-server's stream, cut every 7 bytes
+        closed = False
+
+        async def aiter_raw(self):
+            for i in range(0, len(body), 7):
+                yield body[i : i + 7]
+
+        async def aclose(self):
+            Upstream.closed = True
+
+    async def relayed() -> bytes:
+        return b"".join([piece async for piece in _relay(Upstream(), "marina")])
+
+    out = asyncio.run(relayed())
+    assert out == body.replace(b'"base.gguf"', b'"marina"')
+    assert Upstream.closed
 
 
 def test_the_layer_answers_bad_requests_itself():

@@ -9,9 +9,10 @@ persona and forwards the request to that persona's engine with httpx, after two 
   others at 0 (any ``lora`` the client sent is replaced), so no request runs another
   persona's adapter.
 
-Answers, streamed (SSE) or not, and llama-server's own errors (a prompt longer than the
-context: 400 ``exceed_context_size_error`` with ``n_ctx``) pass through unchanged. Errors of
-its own use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+Answers, streamed (SSE) or not, pass through with one change: their ``model`` field names the
+persona the client asked for, not llama-server's model file. llama-server's own errors (a
+prompt longer than the context: 400 ``exceed_context_size_error`` with ``n_ctx``) pass through
+unchanged. Errors of its own use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def create_app(plan: ServePlan, upstreams: Sequence[str], timeout: float = 600.0
             )
         engine = plan.engines[persona.engine]
         forwarded = route(persona, len(engine.adapters), body)
-        return await _forward(clients[persona.engine], forwarded, bool(body.get("stream")))
+        return await _forward(clients[persona.engine], forwarded, bool(body.get("stream")), persona.id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -119,8 +120,8 @@ async def _json_body(request: Request) -> dict | Response:
     return body
 
 
-async def _forward(client: httpx.AsyncClient, body: dict, stream: bool) -> Response:
-    """Send ``body`` to the engine; relay its answer, streamed as it comes when ``stream``."""
+async def _forward(client: httpx.AsyncClient, body: dict, stream: bool, model: str) -> Response:
+    """Send ``body`` to the engine; relay its answer, named ``model``, streamed as it comes when ``stream``."""
     try:
         upstream = await client.send(client.build_request("POST", "/v1/chat/completions", json=body), stream=True)
     except httpx.TransportError as exc:
@@ -129,23 +130,51 @@ async def _forward(client: httpx.AsyncClient, body: dict, stream: bool) -> Respo
     if not stream or upstream.status_code != 200:
         content = await upstream.aread()
         await upstream.aclose()
+        if upstream.status_code == 200:
+            content = rename_model(content, model)
         return Response(content, upstream.status_code, media_type=content_type)
     return StreamingResponse(
-        _relay(upstream),
+        _relay(upstream, model),
         upstream.status_code,
         media_type="text/event-stream",
         background=BackgroundTask(upstream.aclose),
     )
 
 
-async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
-    """The engine's SSE bytes as they arrive; closing the upstream stops its generation.
+def rename_model(payload: bytes, model: str) -> bytes:
+    """A JSON object's bytes with its ``model`` set to ``model``; anything else unchanged."""
+    try:
+        value = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return payload
+    if not isinstance(value, dict) or "model" not in value:
+        return payload
+    return json.dumps({**value, "model": model}, ensure_ascii=False).encode()
 
-    When the client goes away Starlette cancels this generator; ``aclose`` then drops the
-    connection to llama-server, which stops decoding that request.
+
+def rename_sse_line(line: bytes, model: str) -> bytes:
+    """One server-sent-events line; a ``data:`` line's JSON gets ``model`` (``[DONE]`` is kept)."""
+    if not line.startswith(b"data:"):
+        return line
+    payload = line[len(b"data:") :].strip()
+    renamed = rename_model(payload, model)
+    return line if renamed is payload else b"data: " + renamed
+
+
+async def _relay(upstream: httpx.Response, model: str) -> AsyncIterator[bytes]:
+    """The engine's SSE lines as they arrive, each chunk's ``model`` renamed; closing stops generation.
+
+    Lines are cut at ``\\n`` whatever the network's chunks are. When the client goes away
+    Starlette cancels this generator; ``aclose`` then drops the connection to llama-server,
+    which stops decoding that request.
     """
+    pending = b""
     try:
         async for chunk in upstream.aiter_raw():
-            yield chunk
+            *lines, pending = (pending + chunk).split(b"\n")
+            if lines:
+                yield b"".join(rename_sse_line(line, model) + b"\n" for line in lines)
+        if pending:
+            yield rename_sse_line(pending, model)
     finally:
         await upstream.aclose()
