@@ -14,7 +14,10 @@ both on 127.0.0.1, then measures, in this order and in the same run:
 
 Every answer is matched against the references: "own" = the persona's prompt with its
 adapter; "wrong persona" = any other pair's answer; "unmatched" = none (batched decoding
-can differ from one-at-a-time decoding in the last bits, and greedy text with it).
+can differ from one-at-a-time decoding in the last bits, and greedy text with it). Each
+unmatched answer is also given to the reference it shares the longest common prefix with
+("nearest_own" / "nearest_wrong"): a wrong persona's answer starts as that persona's.
+Through the layer, each response's ``model`` must be the persona asked for.
 
     flock /tmp/molting-heavy.lock nice -n 5 python benchmarks/serve_load.py --threads 2
 
@@ -27,6 +30,7 @@ import argparse
 import concurrent.futures
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -107,7 +111,7 @@ def load(url: str, body_for, clients: int, requests: int) -> tuple[dict, list]:
     """``clients`` threads, each with its own openai client, ``requests`` requests each; figures and answers."""
     import openai
 
-    results: list[tuple[float, int, int, int, str | None]] = []  # latency, persona, question, tokens, text
+    results: list[tuple[float, int, int, int, str | None, str]] = []  # latency, persona, question, tokens, text, model
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -124,7 +128,8 @@ def load(url: str, body_for, clients: int, requests: int) -> tuple[dict, list]:
                 continue
             elapsed = time.perf_counter() - start
             with lock:
-                results.append((elapsed, p, q, reply.usage.completion_tokens, reply.choices[0].message.content))
+                text = reply.choices[0].message.content
+                results.append((elapsed, p, q, reply.usage.completion_tokens, text, reply.model))
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -145,17 +150,33 @@ def load(url: str, body_for, clients: int, requests: int) -> tuple[dict, list]:
     return figures, results
 
 
-def check(results, answers: dict) -> dict:
-    """Count answers equal to their own persona's reference, to another pair's, or to none."""
-    counts = {"own": 0, "wrong_persona": 0, "unmatched": 0}
-    for _, p, q, _, text in results:
+def _common_prefix(a: str, b: str) -> int:
+    """Characters ``a`` and ``b`` share from their start."""
+    return len(os.path.commonprefix([a, b]))
+
+
+def check(results, answers: dict, ids: list[str] | None = None) -> dict:
+    """Count answers equal to their own persona's reference, to another pair's, or to none.
+
+    Unmatched answers are also counted by the reference they share the longest prefix with.
+    With ``ids``, answers whose ``model`` is not the persona asked for are counted.
+    """
+    counts = {"own": 0, "wrong_persona": 0, "unmatched": 0, "nearest_own": 0, "nearest_wrong": 0}
+    if ids is not None:
+        counts["model_field_wrong"] = 0
+    for _, p, q, _, text, model in results:
         text = (text or "").strip()
+        if ids is not None and model != ids[p]:
+            counts["model_field_wrong"] += 1
         if text == answers[(p, p, q)]:
             counts["own"] += 1
-        elif any(text == answers[key] for key in answers if key[2] == q):
+            continue
+        if any(text == answers[key] for key in answers if key[2] == q):
             counts["wrong_persona"] += 1
-        else:
-            counts["unmatched"] += 1
+            continue
+        counts["unmatched"] += 1
+        others = max(_common_prefix(text, answers[key]) for key in answers if key[2] == q and key != (p, p, q))
+        counts["nearest_own" if _common_prefix(text, answers[(p, p, q)]) > others else "nearest_wrong"] += 1
     return counts
 
 
@@ -205,7 +226,7 @@ def main() -> None:
             bypass, bypass_results = load(f"{engine.url}/v1", raw_body, args.clients, args.requests)
             server.should_exit = True
             thread.join()
-    through["answers"], bypass["answers"] = check(through_results, answers), check(bypass_results, answers)
+    through["answers"], bypass["answers"] = check(through_results, answers, ids), check(bypass_results, answers)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load": f"{args.clients} clients x {args.requests} requests, {args.max_tokens} max tokens, 2 personas",

@@ -64,6 +64,9 @@ class EngineOptions:
         parallel: requests decoded together (``-np``).
         n_threads: CPU threads (``-t``); None lets llama-server choose.
         n_gpu_layers: blocks offloaded to a GPU (``-ngl``); 0 = CPU only, -1 = all.
+        flash_attn: flash attention (``-fa on|off``); on by default, as ``LlamaCppBackend``'s,
+            so that the server and the backend compute the same greedy text (``auto``, the
+            server's own default, may choose otherwise on some devices).
         startup_timeout: seconds to wait for ``/health`` after the start.
     """
 
@@ -71,6 +74,7 @@ class EngineOptions:
     parallel: int = 4
     n_threads: int | None = None
     n_gpu_layers: int = 0
+    flash_attn: bool = True
     startup_timeout: float = 120.0
 
     def __post_init__(self) -> None:
@@ -82,7 +86,7 @@ def command(binary: Path, engine: Engine, port: int, options: EngineOptions) -> 
     """The llama-server command line for ``engine`` on 127.0.0.1:``port``."""
     args = [str(binary), "-m", str(engine.model), "--host", "127.0.0.1", "--port", str(port)]
     args += ["-c", str(options.n_ctx), "-np", str(options.parallel), "--kv-unified", "--jinja", "--no-webui"]
-    args += ["-ngl", str(options.n_gpu_layers)]
+    args += ["-ngl", str(options.n_gpu_layers), "-fa", "on" if options.flash_attn else "off"]
     if options.n_threads:
         args += ["-t", str(options.n_threads)]
     for adapter in engine.adapters:
