@@ -196,8 +196,15 @@ def _http_error(cls, status: int, message: str = "from the Hub"):
 
 @pytest.fixture
 def online(tmp_path, monkeypatch):
-    """An empty cache, online as far as molting can tell; ``snapshot_download`` must be patched."""
+    """An empty cache, online as far as molting can tell, yet nothing can reach the Hub.
+
+    ``snapshot_download`` fails the test unless the test patches it, and the endpoint is a
+    closed local port, so an unpatched call errors at once instead of downloading.
+    """
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr("huggingface_hub.snapshot_download", _raise(AssertionError("unpatched: would reach the Hub")))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
