@@ -16,7 +16,9 @@ Every answer is matched against the references: "own" = the persona's prompt wit
 adapter; "wrong persona" = any other pair's answer; "unmatched" = none (batched decoding
 can differ from one-at-a-time decoding in the last bits, and greedy text with it). Each
 unmatched answer is also given to the reference it shares the longest common prefix with
-("nearest_own" / "nearest_wrong"): a wrong persona's answer starts as that persona's.
+("nearest_own" / "nearest_wrong", "nearest_tie" when two share as much): a wrong persona's answer
+starts as that persona's. The median characters an unmatched answer shares with its own reference is
+reported too: a long shared start is batched decoding drifting, a short one says little.
 Through the layer, each response's ``model`` must be the persona asked for.
 
     flock /tmp/molting-heavy.lock nice -n 5 python benchmarks/serve_load.py --threads 2
@@ -161,7 +163,8 @@ def check(results, answers: dict, ids: list[str] | None = None) -> dict:
     Unmatched answers are also counted by the reference they share the longest prefix with.
     With ``ids``, answers whose ``model`` is not the persona asked for are counted.
     """
-    counts = {"own": 0, "wrong_persona": 0, "unmatched": 0, "nearest_own": 0, "nearest_wrong": 0}
+    counts = {"own": 0, "wrong_persona": 0, "unmatched": 0, "nearest_own": 0, "nearest_wrong": 0, "nearest_tie": 0}
+    shared = []  # characters each unmatched answer shares with the start of its own reference
     if ids is not None:
         counts["model_field_wrong"] = 0
     for _, p, q, _, text, model in results:
@@ -176,7 +179,11 @@ def check(results, answers: dict, ids: list[str] | None = None) -> dict:
             continue
         counts["unmatched"] += 1
         others = max(_common_prefix(text, answers[key]) for key in answers if key[2] == q and key != (p, p, q))
-        counts["nearest_own" if _common_prefix(text, answers[(p, p, q)]) > others else "nearest_wrong"] += 1
+        own = _common_prefix(text, answers[(p, p, q)])
+        counts["nearest_own" if own > others else "nearest_wrong" if others > own else "nearest_tie"] += 1
+        shared.append(own)
+    if shared:
+        counts["unmatched_common_prefix_chars_median"] = statistics.median(shared)
     return counts
 
 
