@@ -386,6 +386,7 @@ def train(
     sft_adapter: SftAdapter = None,
     runs: Runs = Path("runs"),
     checkpointing: Checkpointing = None,
+    seed: Annotated[int, typer.Option(help="seed of the adapter's init and the data order")] = 0,
     force: Annotated[bool, typer.Option(help="train even when the memory estimate exceeds the device")] = False,
 ) -> None:
     """Lint the persona's dataset, then fine-tune on it: every weight of a small model, else a LoRA adapter
@@ -399,7 +400,7 @@ def train(
         config = _train_config(base, epochs, r, lora_alpha, lr, max_length, quantization, method, finetuning)
         if sft_adapter is not None:
             config = replace(config, sft_adapter=str(sft_adapter))
-        config = resolve_config(replace(config, checkpointing=checkpointing))
+        config = resolve_config(replace(config, checkpointing=checkpointing, seed=seed))
         _check_training_memory(config, force)
         trained = train_persona(loaded, config, RichUI(), out=out, runs=runs)
     except MoltingError as exc:
