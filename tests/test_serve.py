@@ -363,6 +363,7 @@ def test_llama_server_command_loads_every_adapter_unapplied():
     args = command(Path("llama-server"), engine, 8081, EngineOptions(n_ctx=512, parallel=3, n_threads=2))
     line = " ".join(args)
     assert line.startswith("llama-server -m base.gguf --host 127.0.0.1 --port 8081 -c 512 -np 3 --kv-unified --jinja")
-    assert line.endswith("-ngl 0 -fa on -t 2 --lora a.gguf --lora b.gguf --lora-init-without-apply")
+    assert line.endswith("-ngl 0 -fa on -t 2 --lora a.gguf --lora b.gguf --lora-init-without-apply --cache-ram 0")
     assert "-fa off" in " ".join(command(Path("llama-server"), engine, 1, EngineOptions(flash_attn=False)))
-    assert "--lora" not in " ".join(command(Path("llama-server"), Engine(Path("m.gguf")), 1, EngineOptions()))
+    alone = " ".join(command(Path("llama-server"), Engine(Path("m.gguf")), 1, EngineOptions()))
+    assert "--lora" not in alone and "--cache-ram" not in alone
