@@ -10,7 +10,9 @@ both on 127.0.0.1, then measures, in this order and in the same run:
 2. the server with ``--clients`` concurrent openai clients x ``--requests`` requests each,
    alternating the personas: errors, p50/p95 latency, total completion tokens/s;
 3. the same load sent to llama-server directly (bypassing the thin layer, the same
-   ``lora`` and system prompt): what the layer costs.
+   ``lora`` and system prompt): what the layer costs;
+4. a negative control, ``--clients`` x min(``--requests``, 5) requests to llama-server directly with
+   each persona's prompt on the *other* persona's adapter.
 
 Every answer is matched against the references: "own" = the persona's prompt with its
 adapter; "wrong persona" = any other pair's answer; "unmatched" = none (batched decoding
@@ -20,6 +22,14 @@ unmatched answer is also given to the reference it shares the longest common pre
 starts as that persona's. The median characters an unmatched answer shares with its own reference is
 reported too: a long shared start is batched decoding drifting, a short one says little.
 Through the layer, each response's ``model`` must be the persona asked for.
+
+The likelihood check does not need equal text: every answer's generated tokens (llama-server's
+``return_tokens``) are scored after the prompt its request sent, under the base with each
+adapter alone (``answer_loglikelihoods``, llama-cpp-python, one at a time), and the margin
+"own adapter's log-likelihood minus the best other's" (nats) must be > 0; "wrong_adapter" counts
+the answers where it is not. The control answers of step 4 must all be flagged, as must the one-at-a-time
+references made with the other adapter; "swapped_labels" (every answer attributed to the other
+persona) only checks that the labels reach the margins.
 
     flock /tmp/molting-heavy.lock nice -n 5 python benchmarks/serve_load.py --threads 2
 
@@ -39,12 +49,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PERSONAS = {
     "claudio": ("Cláudio", "Você é o Cláudio, assistente da Softtor. Responda em português, com calma."),
     "marina": ("Marina", "You are Marina, a sailor from Lisbon. Answer in English, cheerfully."),
 }
+# llama-server's fields that add the generated token ids to an answer (its "__verbose" part): decoding is unchanged
+TOKEN_IDS = {"return_tokens": True, "verbose": True}
 QUESTIONS = [  # asking for long answers, so that most of them run to --max-tokens
     "Tell me a long story about the sea and a lighthouse.",
     "Explain step by step how bread is made, in detail.",
@@ -109,11 +122,24 @@ def references(personas, adapters, base: Path, max_tokens: int, threads: int) ->
     return answers, {"requests": len(answers), "completion_tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
-def load(url: str, body_for, clients: int, requests: int) -> tuple[dict, list]:
+class Answer(NamedTuple):
+    """One answer of a load, with llama-server's counts and token ids."""
+
+    latency: float  # seconds
+    persona: int
+    question: int
+    completion_tokens: int
+    text: str | None
+    model: str  # the response's ``model`` field
+    prompt_tokens: int
+    token_ids: list[int] | None  # the generated tokens (``return_tokens``), end-of-generation included
+
+
+def load(url: str, body_for, clients: int, requests: int) -> tuple[dict, list[Answer]]:
     """``clients`` threads, each with its own openai client, ``requests`` requests each; figures and answers."""
     import openai
 
-    results: list[tuple[float, int, int, int, str | None, str]] = []  # latency, persona, question, tokens, text, model
+    results: list[Answer] = []
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -129,16 +155,19 @@ def load(url: str, body_for, clients: int, requests: int) -> tuple[dict, list]:
                     errors.append(f"{type(exc).__name__}: {exc}")
                 continue
             elapsed = time.perf_counter() - start
+            usage, text = reply.usage, reply.choices[0].message.content
+            ids = (reply.model_extra or {}).get("__verbose", {}).get("tokens")  # asked for with return_tokens
             with lock:
-                text = reply.choices[0].message.content
-                results.append((elapsed, p, q, reply.usage.completion_tokens, text, reply.model))
+                results.append(
+                    Answer(elapsed, p, q, usage.completion_tokens, text, reply.model, usage.prompt_tokens, ids)
+                )
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         list(pool.map(worker, range(clients)))
     wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
-    tokens = sum(r[3] for r in results)
+    latencies = sorted(r.latency for r in results)
+    tokens = sum(r.completion_tokens for r in results)
     figures = {
         "requests": clients * requests,
         "errors": len(errors),
@@ -167,7 +196,7 @@ def check(results, answers: dict, ids: list[str] | None = None) -> dict:
     shared = []  # characters each unmatched answer shares with the start of its own reference
     if ids is not None:
         counts["model_field_wrong"] = 0
-    for _, p, q, _, text, model in results:
+    for _, p, q, _, text, model, *_ in results:
         text = (text or "").strip()
         if ids is not None and model != ids[p]:
             counts["model_field_wrong"] += 1
@@ -187,6 +216,160 @@ def check(results, answers: dict, ids: list[str] | None = None) -> dict:
     return counts
 
 
+def answer_loglikelihoods(
+    base: Path,
+    adapters: list[Path],
+    items: list[tuple[list[dict], str | list[int]]],
+    threads: int = 1,
+    n_ctx: int = 1024,
+):
+    """The log-likelihood of each answer after its prompt, under the base with each adapter alone.
+
+    The prompt is rendered as ``LlamaCppBackend`` renders it (the GGUF's chat template with the
+    generation prompt, special tokens parsed). An answer given as token ids is scored as given
+    (llama-server's ids end with the end-of-generation token when it stopped on one). An answer
+    given as text is tokenized on its own (no BOS, special tokens not parsed) and appended, as the
+    engine generated it after the prompt's last token (tokenizing prompt + answer together could
+    merge tokens across the seam, which generation never does); its text may tokenize otherwise
+    than it was generated, and text decoded from invalid UTF-8 (U+FFFD) says little. Each adapter
+    is loaded at scale 1 with no other; identical (prompt, answer) pairs are scored once.
+
+    Args:
+        base: the base model GGUF.
+        adapters: A LoRA adapter GGUFs (llama.cpp's adapter format) for ``base``.
+        items: N pairs (messages, answer): the chat messages exactly as the engine got them,
+            system prompt included, and the answer as it came back: its text, or its token ids
+            (llama-server's ``return_tokens`` gives them).
+        threads: CPU threads of llama.cpp.
+        n_ctx: context in tokens; every prompt + answer must fit.
+
+    Returns:
+        ``(logp, answer_tokens, prompt_tokens)``: ``logp`` float64 (N, A), the sum over the answer's
+        tokens of log p(token | prompt, the answer before it) in nats, with adapter ``a`` in column
+        ``a``; ``answer_tokens`` and ``prompt_tokens`` int (N,), the tokens scored and the prompt's.
+    """
+    import numpy as np
+
+    from molting.backends.llamacpp import LlamaCppBackend
+
+    class Scorer(LlamaCppBackend):  # the backend's checks and chat template, with logits at every position
+        def _open(self, **params):
+            return super()._open(logits_all=True, **params)
+
+    keyed = [(json.dumps(messages, ensure_ascii=False), json.dumps(answer)) for messages, answer in items]
+    keys = sorted(set(keyed))
+    logp: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
+    lengths: dict[tuple[str, str], tuple[int, int]] = {}
+    for adapter in adapters:
+        scorer = Scorer(base, n_ctx=n_ctx, n_threads=threads, lora_path=adapter)
+        try:
+            prefilled = None
+            for key in keys:  # sorted: the answers to one prompt follow one another, after one prefill
+                prompt = scorer.prompt_tokens(json.loads(key[0]))
+                answer = json.loads(key[1])
+                if isinstance(answer, str):
+                    answer = scorer.llm.tokenize(answer.encode("utf-8"), add_bos=False, special=False)
+                if prefilled != key[0]:
+                    scorer.llm.reset()
+                    scorer.llm.eval(prompt)
+                    prefilled = key[0]
+                logp[key].append(_continuation_logprob(scorer.llm, len(prompt), answer))
+                lengths[key] = (len(answer), len(prompt))
+        finally:
+            scorer.close()
+    return (
+        np.array([logp[key] for key in keyed], dtype=np.float64).reshape(len(items), len(adapters)),
+        np.array([lengths[key][0] for key in keyed], dtype=int),
+        np.array([lengths[key][1] for key in keyed], dtype=int),
+    )
+
+
+def _continuation_logprob(llm, n_prompt: int, answer: list[int]) -> float:
+    """Sum of log p(answer token | all before it), nats, on a ``logits_all`` Llama whose first ``n_prompt``
+    tokens are the prompt, already evaluated; what came after them is dropped first."""
+    import numpy as np
+
+    llm.n_tokens = n_prompt  # llama-cpp-python's eval removes the KV cells from here on
+    llm.eval(answer)
+    logits = llm.scores[n_prompt - 1 : n_prompt - 1 + len(answer)].astype(np.float64)  # (T, vocab)
+    top = logits.max(axis=1)
+    log_norm = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+    return float((logits[np.arange(len(answer)), answer] - log_norm).sum())
+
+
+def adapter_margins(logp, own: list[int]):
+    """Own adapter's log-likelihood minus the best other adapter's, nats, float (N,); > 0: own likelier.
+
+    Args:
+        logp: float (N, A) from :func:`answer_loglikelihoods`, A >= 2.
+        own: N adapter indices, the one each answer should have been generated with.
+    """
+    import numpy as np
+
+    rows = np.arange(len(own))
+    others = logp.copy()
+    others[rows, own] = -np.inf
+    return logp[rows, own] - others.max(axis=1)
+
+
+def margin_figures(margins, answer_tokens) -> dict:
+    """How many margins are <= 0 ("wrong adapter": not likelier under its own), and their medians."""
+    import numpy as np
+
+    per_token = margins / np.maximum(answer_tokens, 1)
+    return {
+        "answers": len(margins),
+        "wrong_adapter": int((margins <= 0).sum()),
+        "margin_median_nats": float(np.median(margins)) if len(margins) else None,
+        "margin_min_nats": float(margins.min()) if len(margins) else None,
+        "margin_per_token_median_nats": float(np.median(per_token)) if len(margins) else None,
+    }
+
+
+def likelihood_check(results: list[Answer], prompts: dict, base: Path, adapters: list[Path], threads: int) -> dict:
+    """Each answer of a load scored under every adapter, with the prompt its persona's request sent.
+
+    An answer is scored by its generated token ids when it has them, else by its text.
+    ``prompts[(p, q)]`` is the message list the engine got for persona ``p`` and question ``q``.
+    "swapped_labels" attributes each answer to the next persona (that persona's adapter as "own",
+    the prompt as sent): with two personas its margins are the others' negated, so it checks the
+    labels reach the margins, no more; answers made with the wrong adapter for real are the
+    control that matters (``wrong_adapter_load`` in the report).
+    """
+    labels = [r.persona for r in results]
+    answers = [r.token_ids if r.token_ids is not None else r.text or "" for r in results]
+    items = [(prompts[(r.persona, r.question)], answer) for r, answer in zip(results, answers, strict=True)]
+    logp, answer_tokens, prompt_tokens = answer_loglikelihoods(base, adapters, items, threads)
+    figures = margin_figures(adapter_margins(logp, labels), answer_tokens)
+    swapped = [(p + 1) % len(adapters) for p in labels]
+    figures["swapped_labels"] = margin_figures(adapter_margins(logp, swapped), answer_tokens)
+    figures["scored_by_token_ids"] = sum(r.token_ids is not None for r in results)
+    # the prompt rendered here has as many tokens as llama-server's (usage.prompt_tokens)
+    figures["prompt_tokens_as_served"] = sum(
+        int(t) == r.prompt_tokens for t, r in zip(prompt_tokens, results, strict=True)
+    )
+    return figures
+
+
+def references_likelihood(answers: dict, prompts: dict, base: Path, adapters: list[Path], threads: int) -> dict:
+    """The one-at-a-time greedy answers scored as :func:`likelihood_check` scores a load's (by their text).
+
+    ``answers[(p, a, q)]`` is persona ``p``'s prompt on adapter ``a``: "own" when ``a == p``;
+    otherwise an answer made with the wrong adapter, which the check must flag.
+    """
+    import numpy as np
+
+    keys = sorted(answers)
+    items = [(prompts[(p, q)], answers[(p, a, q)]) for p, a, q in keys]
+    logp, answer_tokens, _ = answer_loglikelihoods(base, adapters, items, threads)
+    margins = adapter_margins(logp, [p for p, _, _ in keys])
+    own = np.array([p == a for p, a, _ in keys])
+    return {
+        "own_adapter": margin_figures(margins[own], answer_tokens[own]),
+        "other_adapter": margin_figures(margins[~own], answer_tokens[~own]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=4)
@@ -195,8 +378,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the engine and of the backend")
     parser.add_argument("--adapters", type=Path, nargs=2, help="two adapter GGUFs for the embedded base")
     parser.add_argument("--std", type=float, default=0.05, help="std of the random adapters' B")
+    parser.add_argument("--score-threads", type=int, default=1, help="CPU threads of the likelihood check")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    wrong_requests = min(args.requests, 5)  # per client, for the wrong-adapter control
 
     import uvicorn
 
@@ -222,17 +407,29 @@ def main() -> None:
 
             def body(p: int, q: int) -> dict:
                 ask = [{"role": "user", "content": QUESTIONS[q]}]
-                return {"model": ids[p], "messages": ask, "max_tokens": args.max_tokens, "temperature": 0.0}
+                request = {"model": ids[p], "messages": ask, "max_tokens": args.max_tokens, "temperature": 0.0}
+                return {**request, "extra_body": TOKEN_IDS}
 
             def raw_body(p: int, q: int) -> dict:
                 routed = route(served.personas[ids[p]], len(adapters), body(p, q))
                 lora = routed.pop("lora")  # not an openai argument
-                return {**routed, "extra_body": {"lora": lora}}
+                return {**routed, "extra_body": {**TOKEN_IDS, "lora": lora}}
+
+            def wrong_body(p: int, q: int) -> dict:  # the negative control: persona p's prompt, the next one's adapter
+                other = route(served.personas[ids[(p + 1) % len(ids)]], len(adapters), body(p, q))
+                return {**raw_body(p, q), "extra_body": {**TOKEN_IDS, "lora": other["lora"]}}
 
             through, through_results = load(f"http://127.0.0.1:{port}/v1", body, args.clients, args.requests)
             bypass, bypass_results = load(f"{engine.url}/v1", raw_body, args.clients, args.requests)
+            wrong, wrong_results = load(f"{engine.url}/v1", wrong_body, args.clients, wrong_requests)
             server.should_exit = True
             thread.join()
+            prompts = {(p, q): raw_body(p, q)["messages"] for p in range(len(ids)) for q in range(len(QUESTIONS))}
+        # the engine is down: the likelihood check has the CPU to itself (the adapters live in tmp)
+        threads = args.score_threads
+        for figures, results in ((through, through_results), (bypass, bypass_results), (wrong, wrong_results)):
+            figures["likelihood"] = likelihood_check(results, prompts, base, adapters, threads)
+        scored_references = references_likelihood(answers, prompts, base, adapters, threads)
     through["answers"], bypass["answers"] = check(through_results, answers, ids), check(bypass_results, answers)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -245,6 +442,8 @@ def main() -> None:
         "layer_vs_llama_server_tokens_per_s": through["tokens_per_s"] / bypass["tokens_per_s"],
         "distinct_reference_answers": len(set(answers.values())),
         "reference_answers": len(answers),
+        "reference_answers_likelihood": scored_references,
+        "wrong_adapter_load": {k: wrong[k] for k in ("requests", "errors", "likelihood")},
     }
     text = json.dumps(report, indent=2, ensure_ascii=False)
     print(text)

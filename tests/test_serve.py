@@ -9,11 +9,13 @@ applied both, and applied nothing of the other persona.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -231,6 +233,55 @@ def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(server, client
     assert httpx.get(f"{server[0]}/health", timeout=5).json() == {"status": "ok"}
 
 
+def serve_load_script():
+    """``benchmarks/serve_load.py`` as a module: its likelihood check is the one tested here."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("molting_serve_load_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_concurrent_answers_are_likelier_under_their_own_adapter(client, served_files):
+    """Answers decoded together, each scored with the prompt the engine got: likelier under its own adapter.
+
+    Negative control: answers made with the other adapter for real (a persona's system prompt sent
+    by the client to the other persona's ``model``) fail the same check. (Attributing the right
+    answers to the other persona, prompt as sent, would only negate their margins; with the other
+    persona's prompt too, the tiny model's adapters, each trained under its own system prompt,
+    make a mismatched prompt unlikely whatever the answer, so that control is confounded here.)
+    """
+    script = serve_load_script()
+    slugs = list(PERSONAS)
+    personas = [served_files[slug]["persona"] for slug in slugs]
+    # (model asked for, persona whose prompt the engine gets, question); the last two run the other adapter
+    jobs = [(0, 0, QUESTION), (1, 1, QUESTION), (0, 0, "O que você faz?"), (1, 1, "O que você faz?")]
+    jobs += [(1, 0, QUESTION), (0, 1, QUESTION)]
+
+    def request(job: tuple[int, int, str]):
+        model, prompt, question = job
+        messages = personas[prompt].messages(question)
+        if model == prompt:
+            messages = messages[1:]  # the user's message alone: the layer adds the persona's system prompt
+        return client.chat.completions.create(
+            model=slugs[model], messages=messages, extra_body=script.TOKEN_IDS, **GREEDY
+        )
+
+    with ThreadPoolExecutor(len(jobs)) as pool:  # the server decodes two at a time (--parallel 2)
+        replies = list(pool.map(request, jobs))
+    # the generated token ids: the tiny model's byte tokens make no valid UTF-8, so its text does not give them back
+    answers = [reply.model_extra["__verbose"]["tokens"] for reply in replies]
+    items = [(personas[p].messages(question), answer) for (_, p, question), answer in zip(jobs, answers, strict=True)]
+    adapters = [served_files[slug]["adapter"] for slug in slugs]
+    logp, answer_tokens, prompt_tokens = script.answer_loglikelihoods(served_files["base"], adapters, items)
+    assert list(prompt_tokens) == [reply.usage.prompt_tokens for reply in replies]  # llama-server's prompt
+    assert list(answer_tokens) == [reply.usage.completion_tokens for reply in replies]
+    margins = script.adapter_margins(logp, [prompt for _, prompt, _ in jobs])  # own: the prompt's persona
+    assert all(margins[:4] > 0), margins  # the right adapter: likelier under its own
+    assert all(margins[4:] <= 0), margins  # the other adapter: flagged
+    assert script.margin_figures(margins, answer_tokens)["wrong_adapter"] == 2
+
+
 def test_sigint_stops_the_server_and_its_engine(server):
     """Last test of the module: Ctrl-C ends ``molting serve`` and the llama-server it started."""
     url, process = server
@@ -275,7 +326,9 @@ def test_route_adds_the_system_prompt_and_only_the_personas_adapter():
 def test_answers_are_renamed_to_the_persona_line_by_line():
     chunk = b'data: {"id": "x", "model": "/tmp/base.gguf", "choices": [{"delta": {"content": "Ol\xc3\xa1"}}]}'
     assert json.loads(rename_sse_line(chunk, "claudio")[len(b"data: ") :]) == {
-        "id": "x", "model": "claudio", "choices": [{"delta": {"content": "Olá"}}]
+        "id": "x",
+        "model": "claudio",
+        "choices": [{"delta": {"content": "Olá"}}],
     }
     for kept in (b"data: [DONE]", b"", b": keep-alive", b'data: {"no_model": 1}', b"data: {broken"):
         assert rename_sse_line(kept, "claudio") == kept
@@ -363,6 +416,7 @@ def test_llama_server_command_loads_every_adapter_unapplied():
     args = command(Path("llama-server"), engine, 8081, EngineOptions(n_ctx=512, parallel=3, n_threads=2))
     line = " ".join(args)
     assert line.startswith("llama-server -m base.gguf --host 127.0.0.1 --port 8081 -c 512 -np 3 --kv-unified --jinja")
-    assert line.endswith("-ngl 0 -fa on -t 2 --lora a.gguf --lora b.gguf --lora-init-without-apply")
+    assert line.endswith("-ngl 0 -fa on -t 2 --lora a.gguf --lora b.gguf --lora-init-without-apply --cache-ram 0")
     assert "-fa off" in " ".join(command(Path("llama-server"), engine, 1, EngineOptions(flash_attn=False)))
-    assert "--lora" not in " ".join(command(Path("llama-server"), Engine(Path("m.gguf")), 1, EngineOptions()))
+    alone = " ".join(command(Path("llama-server"), Engine(Path("m.gguf")), 1, EngineOptions()))
+    assert "--lora" not in alone and "--cache-ram" not in alone

@@ -92,7 +92,10 @@ def command(binary: Path, engine: Engine, port: int, options: EngineOptions) -> 
     for adapter in engine.adapters:
         args += ["--lora", str(adapter)]
     if engine.adapters:
-        args.append("--lora-init-without-apply")
+        # --cache-ram 0: llama-server's RAM prompt cache restores a cached prompt's KV cells by its tokens alone,
+        # whichever adapter computed them, into a slot that already runs the request's adapter: a prompt one
+        # persona's adapter read would answer another persona's request (measured: docs/serving.md).
+        args += ["--lora-init-without-apply", "--cache-ram", "0"]
     return args
 
 
