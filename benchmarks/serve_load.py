@@ -377,7 +377,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the engine and of the backend")
     parser.add_argument("--adapters", type=Path, nargs=2, help="two adapter GGUFs for the embedded base")
-    parser.add_argument("--std", type=float, default=0.05, help="std of the random adapters' B")
+    parser.add_argument("--std", type=float, default=0.2, help="std of the random adapters' B (0.05 before 2026-12-06: too weak for the likelihood check to decide single answers)")
     parser.add_argument("--score-threads", type=int, default=1, help="CPU threads of the likelihood check")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
