@@ -156,11 +156,13 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
 }
 
 
-def make_persona(name: str, changes: dict, out: Path) -> Persona:
+def make_persona(name: str, changes: dict, out: Path, lint: bool = True) -> Persona:
     """Write the recipe's persona directory under ``out`` and load it (the lint and the registry read files).
 
     The copy holds the dev probes and not the test probes: the search cannot read them. Its
-    dataset is first linted against both splits (``molting.lint.lint_persona``).
+    dataset is first linted against both splits (``molting.lint.lint_persona``), unless ``lint``
+    is False: re-judging a row's saved answers trains nothing (v3's data holds "Me diz o seu
+    nome.", a test probe written after v3 ran).
 
     Raises:
         DatasetError: the recipe's training data holds a dev or test probe's prompt (or another lint error).
@@ -190,7 +192,8 @@ def make_persona(name: str, changes: dict, out: Path) -> Persona:
         if changes.get("v4") and name == "dataset.jsonl":
             lines += V4_FILE.read_text(encoding="utf-8").splitlines()
         (target / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    raise_on_lint_errors([f for f in lint_persona(Persona.load(target)) if f.check == "held-out"])
+    if lint:
+        raise_on_lint_errors([f for f in lint_persona(Persona.load(target)) if f.check == "held-out"])
     (target / SPLIT_FILES["test"]).unlink(missing_ok=True)
     return Persona.load(target)
 
@@ -315,7 +318,7 @@ def rejudged(row: dict) -> dict:
     from molting.eval.rubric import load_rubric, rescore
 
     entry = registry.load(HERE.parent / row["entry"])
-    persona = make_persona(row["recipe"], row["persona"], HERE / "out" / row["recipe"])
+    persona = make_persona(row["recipe"], row["persona"], HERE / "out" / row["recipe"], lint=False)
     result = rescore(entry.result(), persona, load_rubric(persona))
     probes = rejudge(result.probes[0], persona, load_probes(persona, "dev"))
     judged = {"rubric_mean": result.mean, "rubric_noise": result.noise, "probes_passed": probes.passed}
