@@ -159,6 +159,15 @@ def test_a_sentence_opening_on_a_bare_copula_states_the_previous_subject():
     ]
 
 
+def test_an_elided_subject_is_found_without_the_phrases_article():
+    # A fresh demo answer (2026-12-06) a reader gave 3 and the rubric 10: João made the AI.
+    answer = "João Figueiredo é o desenvolvedor full-stack da Softtor. É a IA do CRM, que eu trabalho com ele."
+    assert checks.elided_statements(answer, ["o João Figueiredo é a IA"]) == ["o João Figueiredo é a IA"]
+    # Control: the AI is the speaker, said with a subject of its own.
+    control = "João Figueiredo é o desenvolvedor full-stack da Softtor. Eu sou a IA do CRM e trabalho com ele."
+    assert checks.elided_statements(control, ["o João Figueiredo é a IA"]) == []
+
+
 @pytest.mark.parametrize(
     ("answer", "repeats"),
     [
@@ -221,3 +230,14 @@ def test_a_yes_no_question_is_answered_by_its_own_words():
     assert checks.counted_facts("Tudo bem com você?", [["tudo bem"]], "Tudo bem, e você?") == ["tudo bem"]
     assert checks.counted_facts("Como vai? Tudo bem?", [["tudo bem"]], "Tudo bem!") == ["tudo bem"]
     assert checks.counted_facts("Quais são seus pontos fortes?", [["fortes"]], "Pontos fortes.") == [None]
+
+
+def test_factless_share_counts_the_words_of_clauses_with_no_fact():
+    facts = ["João Figueiredo", "desenvolvedor", "parceiro", "Softtor"]
+    answer = "O João Figueiredo é desenvolvedor full-stack. Buscar e processar o produto fica com ele."
+    share, empty = checks.factless_share(answer, facts)
+    assert empty == ["buscar e processar o produto fica com ele"]
+    assert share == pytest.approx(8 / 14)  # 6 words with facts, 8 without
+    # Control: every clause holds a fact; and no words at all.
+    assert checks.factless_share("O João Figueiredo é desenvolvedor, meu parceiro na Softtor.", facts) == (0.0, [])
+    assert checks.factless_share("", facts) == (0.0, [])

@@ -49,6 +49,7 @@ class Labelled:
         source: where the answer comes from (a run's file, the research log, by hand).
         split: "tune" (the scorer was set against it) or "held-out" (labelled and committed
             before the scorer's last change saw it); see the module docstring.
+        labelled_by: who labelled it, how, and when ("YYYY-MM-DD HH:MM UTC" for held-out answers).
     """
 
     id: str
@@ -60,6 +61,7 @@ class Labelled:
     model: str = ""
     source: str = ""
     split: str = "tune"
+    labelled_by: str = ""
 
 
 def load_labelled(path: str | Path) -> list[Labelled]:

@@ -437,6 +437,7 @@ def wrong_language(answer: str, expected: str) -> str | None:
 # A sentence that opens on a bare copula continues the previous sentence's subject: "O Molting é um
 # projeto de pesquisa. É uma startup..." says the Molting is a startup.
 _ELIDED = re.compile(r"^(?:eh|it is|it's|es)\s")
+_ARTICLE = re.compile(r"^(?:o|a|the|el|la)\s+")
 _SUBJECT = re.compile(r"^(?:(?:o|a|the|el|la)\s+)?([\w.-]+(?:\s+[\w.-]+)?)\s+(?:eh|is|es)\s")
 
 
@@ -463,11 +464,13 @@ def with_subjects(answer: str) -> str:
 def elided_statements(answer: str, phrases: Iterable[str]) -> list[str]:
     """The ``phrases`` (subject, copula, predicate: "Molting é uma startup") that ``answer`` states
     only through a sentence opening on a bare copula (``with_subjects``); a denial before them
-    does not count, as in ``stated_groups``."""
+    does not count, as in ``stated_groups``. The subject a bare copula takes over has no article
+    ("João Figueiredo é o dev. É a IA" reads "joao figueiredo eh a ia"), so a phrase's own
+    leading article is not required ("o João Figueiredo é a IA" finds it)."""
     resolved = with_subjects(answer)
     found = []
     for phrase in phrases:
-        needle = re.escape(_copula_text(phrase))
+        needle = re.escape(_ARTICLE.sub("", _copula_text(phrase)))
         for match in re.finditer(rf"(?<!\w){needle}(?!\w)", resolved):
             before = resolved[: match.start()].split()[-2:]
             if not any(re.fullmatch(_NEGATION, word) for word in before):
@@ -534,3 +537,25 @@ def self_contradiction(answer: str, first: Iterable[str] = AI_CLAIMS, second: It
     """
     text = re.sub(r"(?<!\w)(sou|i'm|i am) (?:o |the )?\w+,? (a|an|uma|the) ", r"\1 \2 ", normalize(answer))
     return bool(any(stated_groups(text, [list(first)])) and any(stated_groups(text, [list(second)])))
+
+
+def factless_share(answer: str, phrases: Iterable[str]) -> tuple[float, list[str]]:
+    """The share of ``answer``'s words that lie in clauses holding none of ``phrases`` (the persona's
+    facts and names), and those clauses.
+
+    Issue 25: in fresh answers a reader scored low, the facts were there and the clauses around
+    them said nothing or something muddled ("Trabalho com ele e ainda construído as decisões de
+    um produto"); among the answers the rubric scored 7 or more, the reader's score fell with
+    this share (Spearman -0.49 over 26 answers, 2026-12-06). Clauses are ``clauses``' text
+    between punctuation marks.
+
+    Returns:
+        (share in [0, 1] of the answer's words, the fact-less clauses in order); (0.0, []) for an
+        answer with no words.
+    """
+    parts = clauses(answer)
+    total = sum(len(c.split()) for c in parts)
+    empty = [c for c in parts if not any(has_phrase(c, p) for p in phrases if p.strip())]
+    if not total:
+        return 0.0, []
+    return sum(len(c.split()) for c in empty) / total, empty

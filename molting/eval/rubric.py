@@ -38,17 +38,19 @@ persona-wide wrong       caps the question at 3 (an identity rule broken)
 wrong language           caps the question at 4 (issue 25)
 clauses said again       -2 each, at most -6 ("No código, no código.")
 a name as its own role   -3 ("o João que decide o produto do João")
+clauses with no fact     -4 x the share of the words in clauses with no fact or name of the persona
 person and AI at once    caps the question at 3 ("Sou uma pessoa de verdade, ... a IA")
 facts echoed             a fact group matched only by the question's own words does not
                          count, unless the answer states another fact
 =======================  ==========================================================
 
-Content carries the score: an answer in the right language with no fact at all gets 3,
-and one false statement ("o João é meu filho", the negative example the log saw
-learned backwards) costs as much as half the facts. The form scaling and the weights of
-the rows from "invented words" down were set against ``examples/claudio/labelled.jsonl``
-(51 answers labelled by hand, see docs/rubric.md): Spearman 0.87 and a mean gap of +0.59 points
-there, held by ``tests/test_calibration.py``.
+Content carries the score: an answer in the right language with no fact at all and nothing
+else wrong gets 0 (its form points, halved, are less than what its fact-less words cost), and
+one false statement ("o João é meu filho", the negative example the log saw learned
+backwards) costs as much as half the facts. The form scaling and the weights of the rows from
+"invented words" down were set against ``examples/claudio/labelled.jsonl`` (99 answers
+labelled by hand, see docs/rubric.md): Spearman 0.78 and a mean gap of +0.46 points there. The
+thresholds of ``tests/test_calibration.py`` hold on answers labelled after that tuning.
 
 The research log judged runs by these questions, by hand; molting judges by rules so
 that two runs are compared by the same judge (``molting.eval.report.compare``).
@@ -98,8 +100,9 @@ UNKNOWN_ENTITY_PENALTY = 1.0
 MAX_UNKNOWN_PENALTY = 3.0
 COLLAPSE_CAP = 2.0
 # Form points (identity, language, an ending, no loop) are earned in full by an answer with all its
-# facts and at this fraction by one with none: form without content is not an answer.
-FORM_FLOOR = 0.75
+# facts and at this fraction by one with none: form without content is not an answer. 0.5 since
+# 2026-12-06 (0.75 before), tuned with FILLER_PENALTY on the 99 labelled answers (see below).
+FORM_FLOOR = 0.5
 LOOP_THRESHOLD = 0.2
 # Fluency: points lost per unit share of invented words. Fluent answers have none; 5% invented
 # (one word in 20) costs 3 points, and an answer a sixth invented cannot score at all.
@@ -121,6 +124,14 @@ REPEATED_CLAUSE_PENALTY = 2.0
 # a name said twice in one clause, the fact restated as its own role ("o João que decide o produto do
 # João"), costs this much once;
 DOUBLED_ENTITY_PENALTY = 3.0
+# the share of the words in clauses that hold no fact of the persona costs this much times that share
+# (half the words fact-less costs half of it). Set 2026-12-06 on the 99 labelled answers (the 48 fresh
+# ones the scorer failed included) over filler 0-8 x form floor 0.5/0.75: 4 and 0.5 give rho 0.780 and
+# gap +0.46, within 0.006 of the best rho (0.786 at 2, gap +0.69) with the smallest gap there.
+# An LM's fluency (the base SmolLM2's per-token NLL of the answer) did not track what readers
+# penalized (Spearman -0.02 with label minus score), and a check of pronoun-verb agreement ("eu
+# participa") lowered rho on the same answers: neither is used.
+FILLER_PENALTY = 4.0
 # claiming to be a person and an AI in one answer caps it as an identity rule broken.
 CONTRADICTION_CAP = IDENTITY_RULE_CAP
 
@@ -140,6 +151,7 @@ class Weights:
     second_person_penalty: float = SECOND_PERSON_PENALTY
     repeated_clause_penalty: float = REPEATED_CLAUSE_PENALTY
     doubled_entity_penalty: float = DOUBLED_ENTITY_PENALTY
+    filler_penalty: float = FILLER_PENALTY
     wrong_language_cap: float = WRONG_LANGUAGE_CAP
 
 
@@ -327,6 +339,8 @@ class Judge:
     system_prompt: str = ""
     own_words: list[str] = field(default_factory=list)
     weights: Weights = field(default_factory=Weights)
+    # every question's fact phrases, the persona's names and traits: a clause with none says no fact
+    fact_phrases: list[str] = field(default_factory=list)
 
     @classmethod
     def for_persona(cls, persona: Persona, rubric: Rubric) -> Judge:
@@ -352,6 +366,7 @@ class Judge:
             wrong=rubric.wrong,
             system_prompt=f"{persona.system_prompt}\n{persona.train_system_prompt}",
             own_words=own + list(persona.identity),
+            fact_phrases=[*persona.names, *persona.traits, *(p for q in rubric.questions for g in q.facts for p in g)],
         )
 
     def score(self, question: Question, answer: str, finish_reason: str | None = None) -> QuestionScore:
@@ -468,7 +483,8 @@ class Judge:
 
     def _content(self, answer: str, expected: str, result: _Tally) -> None:
         """Known words that say little (issue 25): the wrong language caps the answer; clauses said
-        again and a name restated as its own role cost points; claiming to be a person and an AI caps it."""
+        again, a name restated as its own role and clauses with no fact cost points; claiming to
+        be a person and an AI caps it."""
         weights = self.weights
         if other := checks.wrong_language(answer, expected):
             result.cap = min(result.cap, weights.wrong_language_cap)
@@ -483,6 +499,12 @@ class Judge:
             result.points -= weights.doubled_entity_penalty
         cost = weights.doubled_entity_penalty
         result.check("muddled", not doubled, f"{', '.join(doubled)} twice in one clause (-{cost:g})")
+        if self.fact_phrases:
+            share, empty = checks.factless_share(answer, self.fact_phrases)
+            result.points -= weights.filler_penalty * share
+            quoted = "; ".join(f'"{c}"' for c in empty[:2])
+            cost = f"-{weights.filler_penalty * share:.1f}"
+            result.check("filler", share == 0.0, f"{share:.0%} of the words in clauses with no fact: {quoted} ({cost})")
         contradicts = checks.self_contradiction(answer)
         if contradicts:
             result.cap = min(result.cap, CONTRADICTION_CAP)
