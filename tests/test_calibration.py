@@ -19,7 +19,9 @@ LABELLED = "examples/claudio/labelled.jsonl"
 MIN_RHO = 0.8
 MAX_MEAN_GAP = 1.0
 # When the rubric's checks or weights last changed (UTC): held-out answers must be labelled after it.
-SCORER_LAST_CHANGED = "2026-12-06 04:00"
+# Out of sample since then (24 fresh GGUF answers, labelled 04:22): rho 0.836, gap +0.92; the scorer
+# before the change gave the same answers rho 0.803, gap +1.87.
+SCORER_LAST_CHANGED = "2026-12-06 04:13"
 # The tune part is held to a guard below the thresholds: it holds the 48 answers of the 2026-12-06 00:23
 # demo that the scorer failed out of sample (rho 0.63, gap +1.96), and on all 99 the tuned scorer ranks
 # them at rho 0.78 (gap +0.46), 2026-12-06.
@@ -67,7 +69,8 @@ def test_the_held_out_part_holds_24_fresh_answers_of_a_new_run(held_out):
     # answers labelled after the scorer last changed: the labelling time stands in labelled_by
     times = [re.search(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}", i.labelled_by) for i in items]
     assert all(t and t.group() > SCORER_LAST_CHANGED for t in times), [i.labelled_by for i in items]
-    assert {"fine-tuned", "GGUF"} <= {i.model.split()[0] for i in items}
+    # answers of personas molting trained: the base's answers score near 0 on both sides and flatter rho
+    assert all("fine-tuned" in i.model for i in items), [i.model for i in items]
 
 
 def test_the_scorer_ranks_unseen_answers_as_people_do(held_out):
