@@ -21,8 +21,8 @@ from molting.persona import Persona
 
 ROOT = Path(__file__).resolve().parent.parent
 PERSONA = ROOT / "examples" / "claudio"
-# The two weights the rubric's docstring says were set against the labelled answers, around today's values.
-GRID = {"form_floor": [0.5, 0.75, 1.0], "fluency_penalty": [30.0, 60.0, 90.0]}
+# The two weights set against the labelled answers on 2026-12-06 (rubric.py), around today's values.
+GRID = {"form_floor": [0.5, 0.75], "filler_penalty": [2.0, 4.0, 6.0]}
 
 
 def figures(result: Calibration) -> dict:
