@@ -1,3 +1,4 @@
+# ruff: noqa: E501 (one line per exchange: the data reads as a conversation)
 """Writes experiments/data/multiturn-dataset.jsonl: long conversations whose later turns restate
 who is who (issue 23). Each is ordinary chat first, then a question about identity answered the
 same way at turn 5 or 6 as at turn 1. Kept as a script so the lines stay reviewable."""
