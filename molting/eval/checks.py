@@ -555,7 +555,7 @@ def factless_share(answer: str, phrases: Iterable[str]) -> tuple[float, list[str
     """
     parts = clauses(answer)
     total = sum(len(c.split()) for c in parts)
-    empty = [c for c in parts if not any(has_phrase(c, p) for p in phrases if p.strip())]
     if not total:
         return 0.0, []
+    empty = [c for c in parts if not any(has_phrase(c, p) for p in phrases if p.strip())]
     return sum(len(c.split()) for c in empty) / total, empty
